@@ -1,0 +1,62 @@
+"""Networks that predict the parameters of flow layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pyroflows._checks import check_choice, check_widths
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+}
+
+
+class MLP(nn.Module):
+    r"""A multi-layer perceptron whose output layer starts at zero.
+
+    Flow layers read their parameters from its output and are built so that zero parameters
+    give the identity map, so every network-driven layer starts as the identity. With no
+    inputs (``in_features=0``) the network is a learned constant vector.
+
+    Example:
+        >>> import torch
+        >>> net = MLP(3, 4, hidden=(16, 16))
+        >>> net(torch.randn(5, 3)).abs().max().item()
+        0.0
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        hidden = check_widths("hidden", hidden)
+        act = ACTIVATIONS[check_choice("activation", activation, list(ACTIVATIONS))]
+        self.out_features = out_features
+        if in_features == 0:
+            self.net = None
+            self.constant = nn.Parameter(torch.zeros(out_features))
+            return
+        widths = (in_features, *hidden)
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), act()]
+        last = nn.Linear(widths[-1], out_features)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.net is None:
+            return self.constant.expand(*x.shape[:-1], self.out_features)
+        return self.net(x)

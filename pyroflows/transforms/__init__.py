@@ -1,0 +1,30 @@
+"""Flow layers: the math of each family, one file per family.
+
+Importing this package registers every built-in family.
+"""
+
+from pyroflows.transforms.actnorm import ActNorm
+from pyroflows.transforms.base import Flow, FlowStack, Method, NotInvertibleError
+from pyroflows.transforms.coupling import Coupling, coupling_masks
+from pyroflows.transforms.elementwise import Affine, Elementwise, Shift
+from pyroflows.transforms.glow import glow
+from pyroflows.transforms.linear import LULinear
+from pyroflows.transforms.planar import Planar
+from pyroflows.transforms.radial import Radial
+
+__all__ = [
+    "ActNorm",
+    "Affine",
+    "Coupling",
+    "Elementwise",
+    "Flow",
+    "FlowStack",
+    "LULinear",
+    "Method",
+    "NotInvertibleError",
+    "Planar",
+    "Radial",
+    "Shift",
+    "coupling_masks",
+    "glow",
+]

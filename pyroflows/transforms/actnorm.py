@@ -1,0 +1,85 @@
+r"""Activation normalisation (Glow): a per-dimension affine map with data-dependent start."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pyroflows.registry import register_flow
+from pyroflows.transforms.base import Flow, FlowStack
+
+
+class ActNorm(Flow):
+    r"""The elementwise affine map :math:`y = x \odot e^{s} + t`, log-det :math:`\sum_i s_i`.
+
+    It starts as the identity. The first inverse pass in training mode over a batch of at
+    least two vectors (the density direction: data in, noise out) sets :math:`t` and
+    :math:`s` to the batch's mean and log standard deviation, so that its output has zero
+    mean and unit variance per dimension (Kingma & Dhariwal 2018, sec. 3.1). Forward passes
+    (sampling, variational inference) never initialise, so a guide still starts at the
+    identity. Whether the layer is initialised is a buffer, saved in its ``state_dict``.
+
+    References:
+        Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018)
+        https://arxiv.org/abs/1807.03039
+
+    Example:
+        >>> import torch
+        >>> layer = ActNorm(2)
+        >>> data = torch.randn(1000, 2) * torch.tensor([3.0, 0.5]) + 10
+        >>> z, _ = layer.inverse_and_log_det(data)
+        >>> torch.allclose(z.mean(0), torch.zeros(2), atol=1e-5), bool(layer.initialized)
+        (True, True)
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.shift = nn.Parameter(torch.zeros(dim))
+        self.log_scale = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._known_initialized = False
+        self.register_load_state_dict_post_hook(_forget_initialized)
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = x * self.log_scale.exp() + self.shift
+        return y, self.log_scale.sum().expand(x.shape[:-1])
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not self._is_initialized():
+            self._initialize(y.reshape(-1, self.dim))
+        x = (y - self.shift) * (-self.log_scale).exp()
+        return x, (-self.log_scale.sum()).expand(y.shape[:-1])
+
+    def _is_initialized(self) -> bool:
+        # Read the buffer (a device sync) only until it is known to be set.
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return self._known_initialized
+
+    @torch.no_grad()
+    def _initialize(self, data: Tensor) -> None:
+        if data.shape[0] < 2:
+            return
+        mean, std = data.mean(0), data.std(0)
+        self.shift.copy_(mean)
+        self.log_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)).log())
+        self.initialized.fill_(True)
+        self._known_initialized = True
+
+
+def _forget_initialized(module: ActNorm, incompatible_keys: Any) -> None:
+    module._known_initialized = False
+
+
+@register_flow("actnorm")
+def actnorm(dim: int) -> FlowStack:
+    """A single :class:`ActNorm` layer: a learned per-dimension affine map.
+
+    Example:
+        >>> import pyroflows
+        >>> len(pyroflows.build("actnorm", 3))
+        1
+    """
+    return FlowStack([ActNorm(dim)])
