@@ -28,7 +28,7 @@ def check_positive_float(name: str, value: Any) -> float:
 def check_widths(name: str, value: Any) -> tuple[int, ...]:
     """Return ``value`` as a tuple of positive layer widths, e.g. ``(64, 64)``."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence of layer widths such as (64, 64), got {value!r}")
+        raise TypeError(f"{name} must be a sequence of widths such as (64, 64), got {value!r}")
     return tuple(check_positive_int(f"{name}[{i}]", width) for i, width in enumerate(value))
 
 

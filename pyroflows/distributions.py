@@ -2,6 +2,8 @@ r"""FlowDistribution: a base distribution pushed through a flow, one pass per de
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pyro.distributions import TorchDistribution
 from torch import Tensor
@@ -32,7 +34,7 @@ class FlowDistribution(TorchDistribution):
         True
     """
 
-    arg_constraints: dict[str, constraints.Constraint] = {}
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
     support = constraints.real_vector
 
     def __init__(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +50,7 @@ class MLP(nn.Module):
             return
         widths = (in_features, *hidden)
         layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
+        for a, b in itertools.pairwise(widths):
             layers += [nn.Linear(a, b), act()]
         last = nn.Linear(widths[-1], out_features)
         nn.init.zeros_(last.weight)

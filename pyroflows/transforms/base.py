@@ -49,7 +49,7 @@ class Flow(TransformModule):
         >>> x = torch.randn(5, 3)
         >>> y, ladj = flow.forward_and_log_det(x)
         >>> x2, ladj_inv = flow.inverse_and_log_det(y)
-        >>> bool(torch.allclose(x, x2, atol=1e-5)), bool(torch.allclose(ladj, -ladj_inv, atol=1e-5))
+        >>> torch.allclose(x, x2, atol=1e-5), torch.allclose(ladj, -ladj_inv, atol=1e-5)
         (True, True)
     """
 
@@ -111,11 +111,11 @@ class FlowStack(Flow):
         for layer in layers:
             if not isinstance(layer, Flow):
                 raise TypeError(
-                    f"FlowStack layers must be pyroflows.Flow instances, got {type(layer).__name__}"
+                    f"FlowStack layers must be pyroflows.Flow, got {type(layer).__name__}"
                 )
         dims = {layer.dim for layer in layers}
         if len(dims) != 1:
-            raise ValueError(f"all layers of a FlowStack must have the same dim, got {sorted(dims)}")
+            raise ValueError(f"FlowStack layers must share one dim, got {sorted(dims)}")
         super().__init__(dims.pop())
         self.layers = torch.nn.ModuleList(layers)
 

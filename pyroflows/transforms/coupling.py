@@ -151,5 +151,6 @@ def nice(
         5
     """
     check_positive_int("layers", layers)
-    couplings = [Coupling(m, Shift(), hidden, activation) for m in coupling_masks(dim, layers, mask)]
+    masks = coupling_masks(dim, layers, mask)
+    couplings = [Coupling(m, Shift(), hidden, activation) for m in masks]
     return FlowStack([ActNorm(dim), *couplings])

@@ -54,8 +54,9 @@ class LULinear(Flow):
         lower, upper = self._factors()
         rows = (y - self.bias).reshape(-1, self.dim)
         # Row vectors: x W^T = y - b with W^T = U^T L^T; solve against L^T, then U^T.
-        z = torch.linalg.solve_triangular(lower.T, rows, upper=True, left=False, unitriangular=True)
-        x = torch.linalg.solve_triangular(upper.T, z, upper=False, left=False)
+        solve = torch.linalg.solve_triangular
+        z = solve(lower.T, rows, upper=True, left=False, unitriangular=True)
+        x = solve(upper.T, z, upper=False, left=False)
         return x.reshape(y.shape), (-self.log_diag.sum()).expand(y.shape[:-1])
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyroflows._checks import check_positive_int
 from pyroflows.registry import register_flow
+from pyroflows.transforms._math import above_minus_one
 from pyroflows.transforms.base import Flow, FlowStack
 from pyroflows.transforms.roots import solve_increasing
 
@@ -21,11 +21,13 @@ class Planar(Flow):
     invertible when :math:`w^\top \hat u > -1` (Rezende & Mohamed 2015, appendix A), which
     the free parameter :math:`u` is mapped to by
 
-    .. math:: \hat u = u + \big(\mathrm{elu}(w^\top u) - w^\top u\big) \frac{w}{\|w\|^2},
+    .. math:: \hat u = u + \big(m(w^\top u) - w^\top u\big) \frac{w}{\|w\|^2},
+              \qquad m(a) = (1 - \epsilon)\,\mathrm{elu}(a),
 
-    so that :math:`w^\top \hat u = \mathrm{elu}(w^\top u) > -1`, and :math:`u = 0` is the
-    identity. (Rezende & Mohamed use :math:`-1 + \mathrm{softplus}`, which is not the identity
-    at :math:`u = 0`.)
+    so that :math:`w^\top \hat u = m(w^\top u) > -1 + \epsilon` (:math:`\epsilon = 10^{-3}`
+    keeps the bound strict in floating point), and :math:`u = 0` is the identity. (Rezende &
+    Mohamed use :math:`m = -1 + \mathrm{softplus}`, which is not the identity at
+    :math:`u = 0`.)
 
     The inverse is exact: with :math:`a = w^\top z`, :math:`c = w^\top \hat u` and
     :math:`t = w^\top y`, the equation :math:`w^\top f(z) = w^\top y` reads
@@ -61,7 +63,7 @@ class Planar(Flow):
     def _u_hat(self) -> tuple[Tensor, Tensor]:
         """Return :math:`\\hat u` and :math:`c = w^\\top \\hat u`."""
         wu = self.w @ self.u
-        c = F.elu(wu)
+        c = above_minus_one(wu)
         u_hat = self.u + (c - wu) * self.w / (self.w @ self.w).clamp_min(1e-12)
         return u_hat, c
 

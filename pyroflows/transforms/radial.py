@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from pyroflows._checks import check_positive_int
 from pyroflows.registry import register_flow
+from pyroflows.transforms._math import above_minus_one
 from pyroflows.transforms.base import Flow, FlowStack
 
 
@@ -21,8 +22,9 @@ class Radial(Flow):
 
     The layer is invertible when :math:`\beta \ge -\alpha` (Rezende & Mohamed 2015, appendix
     A); the free parameters map to :math:`\alpha = \mathrm{softplus}(\alpha')` and
-    :math:`\beta = \alpha \, \mathrm{elu}(\beta') > -\alpha`, so :math:`\beta' = 0` is the
-    identity.
+    :math:`\beta = \alpha (1 - \epsilon) \, \mathrm{elu}(\beta') > -\alpha (1 - \epsilon)`
+    (:math:`\epsilon = 10^{-3}` keeps the bound strict in floating point), so
+    :math:`\beta' = 0` is the identity.
 
     The inverse is exact and closed-form. Taking norms of :math:`y - z_0 = (1 + \beta h(r))
     (z - z_0)` gives the increasing scalar equation :math:`s = r + \beta r / (\alpha + r)`
@@ -55,7 +57,7 @@ class Radial(Flow):
 
     def _alpha_beta(self) -> tuple[Tensor, Tensor]:
         alpha = F.softplus(self.alpha_raw)
-        return alpha, alpha * F.elu(self.beta_raw)
+        return alpha, alpha * above_minus_one(self.beta_raw)
 
     def _log_det(self, r: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
         return (self.dim - 1) * torch.log1p(beta / (alpha + r)) + torch.log1p(

@@ -1,8 +1,9 @@
-r"""Batched root finding for increasing scalar functions, with gradients by implicit differentiation.
+r"""Batched root finding for increasing scalar functions, differentiable by the implicit function.
 
 To invert :math:`g(a) = t` where :math:`g` is strictly increasing and the root is known to
 lie in :math:`[lo, hi]`, a safeguarded Newton iteration (Newton's step when it stays inside
-the bracket, bisection otherwise; Press et al., *Numerical Recipes*, 3rd ed., sec. 9.4) runs
+the bracket and at least halves the previous step, bisection otherwise, as ``rtsafe`` in
+Press et al., *Numerical Recipes*, 3rd ed., sec. 9.4) runs
 without gradient tracking for a fixed number of steps, so the loop never synchronises with the
 device. One last Newton step is then taken with gradients on,
 
@@ -44,13 +45,18 @@ def solve_increasing(
         target_ = target.detach()
         lo, hi = torch.broadcast_tensors(lo.detach(), hi.detach(), target_)[:2]
         a = (lo + hi) / 2
+        last_step = hi - lo
         for _ in range(iterations):
             value, slope = fn(a)
             residual = value - target_
             lo = torch.where(residual < 0, a, lo)
             hi = torch.where(residual > 0, a, hi)
-            newton = a - residual / slope
-            inside = (newton >= lo) & (newton <= hi)
-            a = torch.where(inside, newton, (lo + hi) / 2)
+            newton = residual / slope
+            # Newton's step only if it stays in the bracket and at least halves the last
+            # step; else bisect. This breaks the two-cycles Newton falls into near inflections.
+            inside = (a - newton >= lo) & (a - newton <= hi)
+            fast = newton.abs() * 2 <= last_step.abs()
+            step = torch.where(inside & fast, newton, a - (lo + hi) / 2)
+            a, last_step = a - step, step
     value, slope = fn(a)
     return a - (value - target) / slope

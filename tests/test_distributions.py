@@ -1,0 +1,81 @@
+"""FlowDistribution as a Pyro distribution."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyroflows
+from pyroflows import FlowDistribution
+
+
+def normal(dim, device):
+    return dist.Normal(torch.zeros(dim, device=device), torch.ones(dim, device=device)).to_event(1)
+
+
+def test_identity_flow_gives_the_base_density(device):
+    q = FlowDistribution(normal(3, device), pyroflows.build("realnvp", 3).to(device))
+    y = torch.randn(10, 3, device=device)
+    torch.testing.assert_close(q.log_prob(y), normal(3, device).log_prob(y))
+
+
+def test_a_known_affine_flow_gives_the_known_gaussian(device):
+    # actnorm with shift m and log-scale s pushes N(0, I) to N(m, diag(e^{2s})).
+    flow = pyroflows.build("actnorm", 2).to(device).eval()  # eval: no data-dependent start
+    with torch.no_grad():
+        flow[0].shift.copy_(torch.tensor([1.0, -2.0]))
+        flow[0].log_scale.copy_(torch.tensor([0.5, -1.0]))
+    q = FlowDistribution(normal(2, device), flow)
+    target = dist.Normal(
+        torch.tensor([1.0, -2.0], device=device), torch.tensor([0.5, -1.0], device=device).exp()
+    ).to_event(1)
+    y = torch.randn(20, 2, device=device) * 3
+    torch.testing.assert_close(q.log_prob(y), target.log_prob(y))
+
+
+def test_sample_has_no_grad_and_rsample_does(device):
+    q = FlowDistribution(normal(2, device), pyroflows.build("realnvp", 2).to(device))
+    assert not q.sample((3,)).requires_grad
+    assert q.rsample((3,)).requires_grad
+    assert q.sample((3, 4)).shape == (3, 4, 2)
+
+
+def test_expand_gives_batch_shape_inside_a_plate(device):
+    flow = pyroflows.build("planar", 2).to(device)
+    data = torch.randn(7, 2, device=device)
+
+    def model():
+        with pyro.plate("rows", 7):
+            return pyro.sample("y", FlowDistribution(normal(2, device), flow), obs=data)
+
+    trace = pyro.poutine.trace(model).get_trace()
+    site = trace.nodes["y"]
+    assert site["fn"].batch_shape == (7,)
+    assert site["fn"].log_prob(data).shape == (7,)
+    trace.compute_log_prob()
+    assert site["log_prob"].shape == (7,)
+
+
+def test_validation_rejects_nan(device):
+    q = FlowDistribution(normal(2, device), pyroflows.build("realnvp", 2).to(device))
+    with pytest.raises(ValueError, match="support"):
+        q.log_prob(torch.tensor([float("nan"), 0.0], device=device))
+
+
+def test_mismatched_event_shape_is_refused():
+    with pytest.raises(
+        ValueError, match=r"base event_shape \(3,\) does not match the flow's dim 2"
+    ):
+        FlowDistribution(normal(3, "cpu"), pyroflows.build("realnvp", 2))
+
+
+def test_scalar_base_is_refused():
+    with pytest.raises(ValueError, match="to_event"):
+        FlowDistribution(dist.Normal(0.0, 1.0), pyroflows.build("realnvp", 1))
+
+
+def test_non_flow_transform_is_refused():
+    with pytest.raises(TypeError, match=r"transform must be a pyroflows\.Flow"):
+        FlowDistribution(normal(2, "cpu"), dist.transforms.ExpTransform())

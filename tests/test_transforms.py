@@ -1,0 +1,185 @@
+"""Properties of individual layers that the conformance suite does not cover."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyroflows.transforms import ActNorm, Affine, Coupling, LULinear, Planar, Radial, Shift
+from pyroflows.transforms.coupling import coupling_masks
+from pyroflows.transforms.roots import solve_increasing
+
+
+def test_planar_constraint_keeps_w_dot_u_above_minus_one():
+    layer = Planar(3).double()
+    with torch.no_grad():
+        layer.u.copy_(-50 * layer.w)  # as far from invertible as a free u can ask
+    u_hat, c = layer._u_hat()
+    assert c.item() > -1 and torch.allclose(layer.w @ u_hat, c)
+
+
+def test_planar_starts_at_the_identity():
+    layer = Planar(4)
+    x = torch.randn(10, 4)
+    y, ladj = layer.forward_and_log_det(x)
+    assert torch.equal(y, x) and torch.equal(ladj, torch.zeros(10))
+
+
+@pytest.mark.parametrize("scale", [-40.0, -3.0, 0.5, 8.0])
+def test_planar_inverse_is_exact_for_extreme_parameters(scale):
+    torch.manual_seed(1)
+    layer = Planar(3).double()
+    with torch.no_grad():
+        layer.u.copy_(scale * layer.w / (layer.w @ layer.w))
+        layer.b.fill_(0.7)
+    x = torch.randn(200, 3, dtype=torch.float64) * 5
+    y = layer(x)
+    torch.testing.assert_close(layer.inv(y), x, rtol=1e-10, atol=1e-10)
+
+
+def test_planar_inverse_gradient_is_the_implicit_derivative():
+    torch.manual_seed(2)
+    layer = Planar(2).double()
+    with torch.no_grad():
+        layer.u.normal_()
+    y = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    # d f^{-1}(y) / dy must be the inverse of the forward Jacobian at x = f^{-1}(y).
+    jac_inv = torch.autograd.functional.jacobian(lambda v: layer.inv(v), y[0])
+    x0 = layer.inv(y[0]).detach()
+    jac_fwd = torch.autograd.functional.jacobian(lambda v: layer(v), x0)
+    torch.testing.assert_close(jac_inv @ jac_fwd, torch.eye(2, dtype=torch.float64))
+
+
+def test_roots_solver_matches_the_implicit_function_theorem():
+    t = torch.tensor([2.0, 10.0, -30.0], dtype=torch.float64, requires_grad=True)
+    p = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+
+    def fn(a):
+        return a**3 + p * a, 3 * a**2 + p
+
+    a = solve_increasing(fn, t, torch.full_like(t, -10), torch.full_like(t, 10))
+    torch.testing.assert_close(a**3 + a, t.detach())
+    da_dt, da_dp = torch.autograd.grad(a.sum(), (t, p))
+    slope = 3 * a.detach() ** 2 + 1
+    torch.testing.assert_close(da_dt, 1 / slope)
+    torch.testing.assert_close(da_dp, (-a.detach() / slope).sum())
+
+
+def test_radial_inverse_at_the_centre_and_far_away():
+    layer = Radial(3).double()
+    with torch.no_grad():
+        layer.beta_raw.fill_(2.0)
+        layer.alpha_raw.fill_(-1.0)
+    x = torch.cat([layer.z0.detach()[None] + 1e-9, torch.randn(5, 3, dtype=torch.float64) * 1e4])
+    torch.testing.assert_close(layer.inv(layer(x)), x, rtol=1e-9, atol=1e-9)
+
+
+def test_radial_constraint_keeps_beta_above_minus_alpha():
+    layer = Radial(2)
+    with torch.no_grad():
+        layer.beta_raw.fill_(-100.0)
+    alpha, beta = layer._alpha_beta()
+    assert beta.item() > -alpha.item()
+
+
+def test_actnorm_initialises_from_data_on_the_first_training_inverse_only():
+    torch.manual_seed(0)
+    layer = ActNorm(2).double()
+    forward_data = torch.randn(100, 2, dtype=torch.float64) * 4
+    layer.forward_and_log_det(forward_data)
+    assert not layer.initialized  # sampling direction leaves the identity start alone
+    data = torch.randn(500, 2, dtype=torch.float64) * torch.tensor([3.0, 0.1]) + 7
+    z, ladj = layer.inverse_and_log_det(data)
+    torch.testing.assert_close(z.mean(0), torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(z.std(0), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(ladj, -data.std(0).log().sum().expand(500))
+    shift = layer.shift.detach().clone()
+    layer.inverse_and_log_det(data * 10)
+    assert torch.equal(layer.shift.detach(), shift)  # only the first batch initialises
+
+
+def test_actnorm_in_eval_mode_or_on_one_row_does_not_initialise():
+    layer = ActNorm(2)
+    layer.eval()
+    layer.inverse_and_log_det(torch.randn(50, 2) + 3)
+    assert not layer.initialized
+    layer.train()
+    layer.inverse_and_log_det(torch.randn(2))
+    assert not layer.initialized
+
+
+def test_actnorm_keeps_constant_columns_finite():
+    layer = ActNorm(2)
+    data = torch.stack([torch.randn(20), torch.full((20,), 3.0)], dim=1)
+    z, ladj = layer.inverse_and_log_det(data)
+    assert torch.isfinite(z).all() and torch.isfinite(ladj).all()
+
+
+def test_actnorm_loaded_state_is_not_reinitialised():
+    layer = ActNorm(2)
+    layer.inverse_and_log_det(torch.randn(50, 2) * 3)
+    fresh = ActNorm(2)
+    fresh.inverse_and_log_det(torch.randn(50, 2))  # initialised on other data
+    fresh.load_state_dict(layer.state_dict())
+    data = torch.randn(50, 2) + 10
+    assert torch.equal(fresh.inverse_and_log_det(data)[0], layer.inverse_and_log_det(data)[0])
+
+
+def test_lu_linear_matches_its_dense_matrix():
+    torch.manual_seed(0)
+    layer = LULinear(4).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    lower, upper = layer._factors()
+    weight = lower @ upper
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y, ladj = layer.forward_and_log_det(x)
+    torch.testing.assert_close(y, x @ weight.T + layer.bias)
+    torch.testing.assert_close(ladj, torch.linalg.slogdet(weight)[1].expand(3))
+
+
+def test_affine_clamp_bounds_the_log_scale():
+    x = torch.zeros(3)
+    params = torch.tensor([[1e6, 0.0], [-1e6, 0.0], [0.0, 0.0]])
+    _, ladj = Affine(clamp=2.0).forward(x, params)
+    torch.testing.assert_close(ladj, torch.tensor([2.0, -2.0, 0.0]))
+
+
+@pytest.mark.parametrize("transformer", [Shift(), Affine()], ids=["shift", "affine"])
+def test_elementwise_transformers_invert(transformer):
+    x = torch.randn(6, 3, dtype=torch.float64)
+    params = torch.randn(6, 3, transformer.n_params, dtype=torch.float64)
+    y, ladj = transformer.forward(x, params)
+    x_back, ladj_back = transformer.inverse(y, params)
+    torch.testing.assert_close(x_back, x)
+    torch.testing.assert_close(ladj_back, -ladj)
+
+
+@pytest.mark.parametrize("kind", ["alternate", "random"])
+@pytest.mark.parametrize("dim", [1, 2, 5])
+def test_coupling_masks_transform_every_entry_over_two_layers(kind, dim):
+    torch.manual_seed(0)
+    masks = coupling_masks(dim, 6, kind)
+    assert all(m.any() for m in masks)
+    covered = torch.stack(masks).any(0)
+    assert covered.all() or kind == "random"
+    if kind == "alternate":
+        assert (masks[0] | masks[1]).all()
+
+
+def test_coupling_leaves_the_conditioning_entries_unchanged():
+    torch.manual_seed(0)
+    layer = Coupling(torch.tensor([False, True, False, True]), Affine(), hidden=(8,))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = torch.randn(5, 4)
+    y, _ = layer.forward_and_log_det(x)
+    assert torch.equal(y[:, [0, 2]], x[:, [0, 2]])
+    assert not torch.allclose(y[:, [1, 3]], x[:, [1, 3]])
+
+
+def test_coupling_refuses_an_empty_mask():
+    with pytest.raises(ValueError, match="coupling mask must be a 1-D boolean tensor"):
+        Coupling(torch.zeros(3, dtype=torch.bool), Affine())
