@@ -1,0 +1,112 @@
+r"""Maximum-likelihood (forward-KL) training of a flow on samples, with validation.
+
+Minimising the average negative log-likelihood of data is minimising
+:math:`\mathrm{KL}(p_\text{data} \,\|\, q)` up to the data's entropy. Small tables overfit
+fast, so training always holds out a validation split, stops early when the validation loss
+has not improved for ``patience`` epochs, and restores the best weights seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pyroflows._checks import check_positive_float, check_positive_int
+from pyroflows.distributions import FlowDistribution
+
+
+def fit_max_likelihood(
+    model: FlowDistribution,
+    train: Tensor,
+    valid: Tensor,
+    *,
+    epochs: int = 500,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    patience: int = 30,
+    clip: float = 5.0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    r"""Fit ``model.transform`` to ``train`` by minibatch Adam; return the history per epoch.
+
+    Each epoch shuffles ``train`` into minibatches of ``batch_size`` rows, clips the
+    gradient norm to ``clip``, and then scores ``valid``. The learning rate halves when the
+    validation loss stalls for ``patience // 3`` epochs; training stops after ``patience``
+    epochs without a new best, and the weights of the best epoch are restored. Losses are
+    mean negative log-likelihoods in nats per row. Draws use torch's global generator (seed
+    it for reproducibility).
+
+    Example:
+        >>> import torch, pyro.distributions as dist, pyroflows
+        >>> from pyroflows.training import fit_max_likelihood
+        >>> _ = torch.manual_seed(0)
+        >>> data = torch.randn(600, 2) * torch.tensor([2.0, 0.5])
+        >>> base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+        >>> model = pyroflows.FlowDistribution(base, pyroflows.build("realnvp", 2))
+        >>> history = fit_max_likelihood(model, data[:500], data[500:], epochs=20, progress=False)
+        >>> bool(history["valid_loss"].min() < history["valid_loss"].iloc[0])
+        True
+    """
+    check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("patience", patience)
+    check_positive_float("lr", lr)
+    check_positive_float("clip", clip)
+    flow = model.transform
+    params = [p for p in flow.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser, factor=0.5, patience=max(1, patience // 3)
+    )
+    best, best_state, stale, rows = math.inf, copy.deepcopy(flow.state_dict()), 0, []
+    bar = tqdm(range(epochs), disable=not progress, desc="fit", unit="epoch")
+    for epoch in bar:
+        flow.train()
+        total = torch.zeros((), device=train.device, dtype=train.dtype)
+        for index in torch.randperm(len(train), device=train.device).split(batch_size):
+            loss = -model.log_prob(train[index]).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            optimiser.step()
+            total += loss.detach() * len(index)
+        valid_loss = evaluate(model, valid, batch_size)
+        train_loss = (total / len(train)).item()
+        schedule.step(valid_loss)
+        rows.append((epoch, train_loss, valid_loss, optimiser.param_groups[0]["lr"]))
+        bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}")
+        if valid_loss < best:
+            best, best_state, stale = valid_loss, copy.deepcopy(flow.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    bar.close()
+    flow.load_state_dict(best_state)
+    flow.eval()
+    return pd.DataFrame(rows, columns=["epoch", "train_loss", "valid_loss", "lr"])
+
+
+@torch.no_grad()
+def evaluate(model: FlowDistribution, data: Tensor, batch_size: int = 4096) -> float:
+    """Mean negative log-likelihood of ``data`` in nats per row (inf if any row is not finite).
+
+    Example:
+        >>> import torch, pyro.distributions as dist, pyroflows
+        >>> from pyroflows.training import evaluate
+        >>> base = dist.Normal(torch.zeros(1), torch.ones(1)).to_event(1)
+        >>> model = pyroflows.FlowDistribution(base, pyroflows.build("realnvp", 1))
+        >>> round(evaluate(model, torch.zeros(3, 1)), 4)  # log(2 pi) / 2
+        0.9189
+    """
+    training = model.transform.training
+    model.transform.eval()
+    total = sum(model.log_prob(chunk).sum() for chunk in data.split(batch_size))
+    model.transform.train(training)
+    value = -total.item() / len(data)
+    return value if math.isfinite(value) else math.inf
