@@ -124,6 +124,22 @@ def test_flow_distribution_log_prob_is_base_plus_log_det(name, device):
     torch.testing.assert_close(log_q, q.log_prob(samples))
 
 
+def test_works_inside_pyro_compose_transform_module(name, device):
+    dim = 3
+    first, second = make_flow(name, dim, device), make_flow(name, dim, device, seed=1)
+    composed = dist.transforms.ComposeTransformModule([first, second])
+    assert {id(p) for p in composed.parameters()} == {
+        id(p) for p in [*first.parameters(), *second.parameters()]
+    }
+    base = standard_normal(dim, device)
+    x = torch.randn(5, dim, device=device, dtype=torch.float64)
+    y = composed(x)
+    expected = base.log_prob(x) - autograd_log_det(lambda v: (composed(v), None), x)
+    torch.testing.assert_close(
+        dist.TransformedDistribution(base, [composed]).log_prob(y), expected
+    )
+
+
 @pytest.mark.parametrize("batch_shape", [(), (3,), (3, 4)], ids=["scalar", "3", "3x4"])
 def test_batch_shapes(name, batch_shape, device):
     dim = 3

@@ -1,0 +1,67 @@
+"""Maximum-likelihood training with validation and early stopping."""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyroflows
+from pyroflows.training import evaluate, fit_max_likelihood
+
+
+def gaussian_model(dim, device, name="realnvp"):
+    zeros = torch.zeros(dim, device=device, dtype=torch.float64)
+    base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+    flow = pyroflows.build(name, dim).to(device=device, dtype=torch.float64)
+    return pyroflows.FlowDistribution(base, flow)
+
+
+def test_fit_learns_a_known_gaussian_to_its_entropy(device):
+    torch.manual_seed(0)
+    scale = torch.tensor([3.0, 0.2], device=device, dtype=torch.float64)
+    data = torch.randn(3000, 2, device=device, dtype=torch.float64) * scale + 5
+    model = gaussian_model(2, device, "actnorm")
+    history = fit_max_likelihood(model, data[:2000], data[2000:], epochs=50, progress=False)
+    entropy = 0.5 * 2 * (1 + math.log(2 * math.pi)) + scale.log().sum().item()
+    assert abs(evaluate(model, data[2000:]) - entropy) < 0.1
+    assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "lr"]
+
+
+def test_early_stopping_restores_the_best_epoch(device):
+    torch.manual_seed(0)
+    data = torch.randn(60, 3, device=device, dtype=torch.float64)  # tiny: overfits fast
+    model = gaussian_model(3, device)
+    history = fit_max_likelihood(
+        model,
+        data[:30],
+        data[30:],
+        epochs=400,
+        batch_size=8,
+        lr=1e-2,
+        patience=10,
+        progress=False,
+    )
+    assert len(history) < 400  # stopped early
+    best = history["valid_loss"].min()
+    assert evaluate(model, data[30:]) == pytest.approx(best, rel=1e-9)
+    assert history["valid_loss"].iloc[-1] > best
+    assert not model.transform.training
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("epochs", 0, "epochs must be a positive integer"),
+        ("batch_size", 1.5, "batch_size must be a positive integer"),
+        ("lr", -1.0, "lr must be a finite positive number"),
+        ("clip", float("inf"), "clip must be a finite positive number"),
+    ],
+)
+def test_bad_options_are_named(option, value, message):
+    model = gaussian_model(2, "cpu")
+    data = torch.randn(10, 2, dtype=torch.float64)
+    with pytest.raises((ValueError, TypeError), match=message):
+        fit_max_likelihood(model, data, data, progress=False, **{option: value})
