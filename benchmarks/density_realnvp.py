@@ -48,16 +48,15 @@ def make_pyroflows(dim, layers, hidden, device, dtype):
 
 
 def make_pyro(dim, layers, hidden, device, dtype):
-    reverse = torch.arange(dim - 1, -1, -1)
+    # Pyro's Permute keeps its permutation in a plain attribute, not a buffer, so .to(device)
+    # does not move it: it must be made on the device.
+    reverse = torch.arange(dim - 1, -1, -1, device=device)
     parts = []
     for i in range(layers):
         parts.append(T.affine_coupling(dim, hidden_dims=[hidden, hidden]))
         if i < layers - 1:
             parts.append(T.Permute(reverse))
     stack = T.ComposeTransformModule(parts).to(device, dtype)
-    for part in stack:  # Permute keeps its permutation in a plain attribute, not a buffer
-        if isinstance(part, T.Permute):
-            part.permutation = part.permutation.to(device)
     q = dist.TransformedDistribution(normal(dim, device, dtype), [stack])
     return list(stack.parameters()), q.log_prob, lambda n: q.sample((n,)), None
 
