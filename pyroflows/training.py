@@ -79,7 +79,7 @@ def fit_max_likelihood(
         train_loss = (total / len(train)).item()
         schedule.step(valid_loss)
         rows.append((epoch, train_loss, valid_loss, optimiser.param_groups[0]["lr"]))
-        bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}")
+        bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}", refresh=False)
         if valid_loss < best:
             best, best_state, stale = valid_loss, copy.deepcopy(flow.state_dict()), 0
         else:

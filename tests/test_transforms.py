@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import pyro.distributions as dist
 import pytest
 import torch
 
-from pyroflows.transforms import ActNorm, Affine, Coupling, LULinear, Planar, Radial, Shift
+from pyroflows import FlowDistribution
+from pyroflows.transforms import (
+    ActNorm,
+    Affine,
+    Coupling,
+    Flow,
+    FlowStack,
+    LULinear,
+    NotInvertibleError,
+    Planar,
+    Radial,
+    Shift,
+)
 from pyroflows.transforms.coupling import coupling_masks
 from pyroflows.transforms.roots import solve_increasing
 
@@ -183,3 +196,40 @@ def test_coupling_leaves_the_conditioning_entries_unchanged():
 def test_coupling_refuses_an_empty_mask():
     with pytest.raises(ValueError, match="coupling mask must be a 1-D boolean tensor"):
         Coupling(torch.zeros(3, dtype=torch.bool), Affine())
+
+
+class ForwardOnly(Flow):
+    """A layer that states its inverse as unavailable (as a sampling-only layer would)."""
+
+    inverse_method = "unavailable"
+
+    def forward_and_log_det(self, x):
+        return x + 1, x.new_zeros(x.shape[:-1])
+
+
+def test_an_unavailable_direction_raises_a_named_error():
+    stack = FlowStack([ForwardOnly(2), Planar(2)])
+    assert stack.forward_method == "analytic"
+    assert stack.inverse_method == "unavailable"
+    q = FlowDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), stack)
+    assert q.rsample_and_log_prob((3,))[0].shape == (3, 2)
+    with pytest.raises(NotInvertibleError, match="ForwardOnly has no inverse direction"):
+        q.log_prob(torch.zeros(2))
+
+
+def test_a_stack_reports_its_least_exact_layer():
+    assert FlowStack([Radial(2), Planar(2)]).inverse_method == "numerical"
+    assert FlowStack([Radial(2), LULinear(2)]).inverse_method == "analytic"
+
+
+@pytest.mark.parametrize(
+    ("layers", "error", "message"),
+    [
+        ([], ValueError, "needs at least one layer"),
+        ([Planar(2), Planar(3)], ValueError, r"must share one dim, got \[2, 3\]"),
+        ([torch.nn.Linear(2, 2)], TypeError, "must be pyroflows.Flow, got Linear"),
+    ],
+)
+def test_flow_stack_refuses_bad_layers(layers, error, message):
+    with pytest.raises(error, match=message):
+        FlowStack(layers)
