@@ -21,9 +21,17 @@ class FlowDistribution(TorchDistribution):
 
     :meth:`log_prob` costs one inverse pass, :meth:`rsample` one forward pass, and
     :meth:`rsample_and_log_prob` one forward pass for both the samples and their density,
-    which is what reverse-KL training needs. Unlike Pyro's
-    :class:`~pyro.distributions.TransformedDistribution`, nothing is cached between calls.
-    The base distribution must have event shape ``(dim,)`` and live on the flow's device.
+    which is what reverse-KL training needs. The base distribution must have event shape
+    ``(dim,)`` and live on the flow's device.
+
+    Inside Pyro, a guide site draws with :meth:`rsample` and the ELBO then asks for
+    :meth:`log_prob` of that very draw. So that this too costs one forward pass, the last
+    :meth:`rsample` keeps its draw with its log-density, and :meth:`log_prob` of *that same
+    tensor* returns it, but only while the version counter of every parameter and buffer of
+    the flow is unchanged: an optimiser step, ``load_state_dict`` or any in-place change
+    invalidates it, so it is never stale (Pyro's transforms match on tensor identity alone).
+    The remembered log-density is a function of the base draw, not of the tensor passed in:
+    differentiate it with respect to parameters, not with respect to the value.
 
     Example:
         >>> import torch, pyro.distributions as dist, pyroflows
@@ -47,7 +55,7 @@ class FlowDistribution(TorchDistribution):
                 f"transform must be a pyroflows.Flow (see pyroflows.build), "
                 f"got {type(transform).__name__}"
             )
-        if base.event_shape != torch.Size([transform.dim]):
+        if not torch.jit.is_tracing() and base.event_shape != torch.Size([transform.dim]):
             raise ValueError(
                 f"base event_shape {tuple(base.event_shape)} does not match the flow's "
                 f"dim {transform.dim}; use e.g. Normal(...).to_event(1)"
@@ -66,7 +74,7 @@ class FlowDistribution(TorchDistribution):
         )
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
-        return self.transform.forward_and_log_det(self.base.rsample(sample_shape))[0]
+        return self.rsample_and_log_prob(sample_shape)[0]
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         with torch.no_grad():
@@ -78,10 +86,19 @@ class FlowDistribution(TorchDistribution):
         """Draw reparametrised samples and their log-density with one forward pass."""
         x = self.base.rsample(sample_shape)
         y, ladj = self.transform.forward_and_log_det(x)
-        return y, self.base.log_prob(x) - ladj
+        log_q = self.base.log_prob(x) - ladj
+        self._last_draw = (y, log_q, self._versions())
+        return y, log_q
 
     def log_prob(self, value: Tensor) -> Tensor:
+        last = getattr(self, "_last_draw", None)
+        if last is not None and value is last[0] and last[2] == self._versions():
+            return last[1]
         if self._validate_args:
             self._validate_sample(value)
         x, ladj = self.transform.inverse_and_log_det(value)
         return self.base.log_prob(x) + ladj
+
+    def _versions(self) -> tuple[int, ...]:
+        tensors = [*self.transform.parameters(), *self.transform.buffers()]
+        return tuple(t._version for t in tensors)

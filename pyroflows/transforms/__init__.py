@@ -3,7 +3,7 @@
 Importing this package registers every built-in family.
 """
 
-from pyroflows.transforms.actnorm import ActNorm
+from pyroflows.transforms.actnorm import ActNorm, LocScale
 from pyroflows.transforms.base import Flow, FlowStack, Method, NotInvertibleError
 from pyroflows.transforms.coupling import Coupling, coupling_masks
 from pyroflows.transforms.elementwise import Affine, Elementwise, Shift
@@ -20,6 +20,7 @@ __all__ = [
     "Flow",
     "FlowStack",
     "LULinear",
+    "LocScale",
     "Method",
     "NotInvertibleError",
     "Planar",

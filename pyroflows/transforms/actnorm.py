@@ -1,4 +1,4 @@
-r"""Activation normalisation (Glow): a per-dimension affine map with data-dependent start."""
+r"""Elementwise affine layers: a plain one, and Glow's actnorm with a data-dependent start."""
 
 from __future__ import annotations
 
@@ -11,8 +11,42 @@ from pyroflows.registry import register_flow
 from pyroflows.transforms.base import Flow, FlowStack
 
 
-class ActNorm(Flow):
+class LocScale(Flow):
     r"""The elementwise affine map :math:`y = x \odot e^{s} + t`, log-det :math:`\sum_i s_i`.
+
+    It starts at the given ``loc`` (:math:`t`) and ``scale`` (:math:`e^{s}`), by default
+    the identity. Flow guides end with one, so that the flow before it works on
+    standardised values and the guide starts as a diagonal Gaussian at the model's initial
+    point.
+
+    Example:
+        >>> import torch
+        >>> layer = LocScale(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0]))
+        >>> layer.forward_and_log_det(torch.ones(2))[0]
+        tensor([1.5000, 5.0000], grad_fn=<AddBackward0>)
+    """
+
+    def __init__(self, loc: Tensor, scale: Tensor | None = None) -> None:
+        if loc.dim() != 1:
+            raise ValueError(f"loc must be a vector, got shape {tuple(loc.shape)}")
+        scale = torch.ones_like(loc) if scale is None else scale.expand_as(loc)
+        if not bool((scale > 0).all()):
+            raise ValueError("scale must be positive")
+        super().__init__(len(loc))
+        self.shift = nn.Parameter(loc.detach().clone())
+        self.log_scale = nn.Parameter(scale.detach().log())
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = x * self.log_scale.exp() + self.shift
+        return y, self.log_scale.sum().expand(x.shape[:-1])
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = (y - self.shift) * (-self.log_scale).exp()
+        return x, (-self.log_scale.sum()).expand(y.shape[:-1])
+
+
+class ActNorm(LocScale):
+    r"""A :class:`LocScale` layer that starts from the data it first sees (Glow's actnorm).
 
     It starts as the identity. The first inverse pass in training mode over a batch of at
     least two vectors (the density direction: data in, noise out) sets :math:`t` and
@@ -35,22 +69,15 @@ class ActNorm(Flow):
     """
 
     def __init__(self, dim: int) -> None:
-        super().__init__(dim)
-        self.shift = nn.Parameter(torch.zeros(dim))
-        self.log_scale = nn.Parameter(torch.zeros(dim))
+        super().__init__(torch.zeros(dim))
         self.register_buffer("initialized", torch.tensor(False))
         self._known_initialized = False
         self.register_load_state_dict_post_hook(_forget_initialized)
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = x * self.log_scale.exp() + self.shift
-        return y, self.log_scale.sum().expand(x.shape[:-1])
-
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.training and not self._is_initialized():
             self._initialize(y.reshape(-1, self.dim))
-        x = (y - self.shift) * (-self.log_scale).exp()
-        return x, (-self.log_scale.sum()).expand(y.shape[:-1])
+        return super().inverse_and_log_det(y)
 
     def _is_initialized(self) -> bool:
         # Read the buffer (a device sync) only until it is known to be set.
@@ -67,6 +94,25 @@ class ActNorm(Flow):
         self.log_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)).log())
         self.initialized.fill_(True)
         self._known_initialized = True
+
+
+def skip_data_init(module: nn.Module) -> None:
+    """Mark every :class:`ActNorm` in ``module`` as initialised, keeping its current values.
+
+    Variational inference has no data to start from: a guide's actnorm layers start at the
+    identity and stay plain learned affine maps, whatever points the guide later scores.
+
+    Example:
+        >>> import torch, pyroflows
+        >>> flow = pyroflows.build("glow", 2)
+        >>> skip_data_init(flow)
+        >>> flow.inverse_and_log_det(torch.randn(100, 2) * 5)[1].abs().max().item()
+        0.0
+    """
+    for layer in module.modules():
+        if isinstance(layer, ActNorm):
+            layer.initialized.fill_(True)
+            layer._known_initialized = True
 
 
 def _forget_initialized(module: ActNorm, incompatible_keys: Any) -> None:

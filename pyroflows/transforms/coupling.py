@@ -60,11 +60,12 @@ class Coupling(Flow):
         self.register_buffer("cond_index", cond)
         self.register_buffer("trans_index", trans)
         self.register_buffer("order", torch.argsort(torch.cat([cond, trans])))
+        self._n_trans = len(trans)
         self.net = MLP(len(cond), len(trans) * transformer.n_params, hidden, activation)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x_cond = x.index_select(-1, self.cond_index)
-        params = self.net(x_cond).unflatten(-1, (len(self.trans_index), -1))
+        params = self.net(x_cond).unflatten(-1, (self._n_trans, -1))
         return x_cond, x.index_select(-1, self.trans_index), params
 
     def _merge(self, x_cond: Tensor, x_trans: Tensor) -> Tensor:
