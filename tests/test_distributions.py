@@ -79,3 +79,28 @@ def test_scalar_base_is_refused():
 def test_non_flow_transform_is_refused():
     with pytest.raises(TypeError, match=r"transform must be a pyroflows\.Flow"):
         FlowDistribution(normal(2, "cpu"), dist.transforms.ExpTransform())
+
+
+def test_log_prob_of_the_last_draw_costs_no_inverse_pass_and_agrees(device):
+    flow = pyroflows.build("planar", 3).to(device)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    q = FlowDistribution(normal(3, device), flow)
+    y, log_q = q.rsample_and_log_prob((5,))
+    assert q.log_prob(y) is log_q
+    torch.testing.assert_close(q.log_prob(y.clone()), log_q, rtol=1e-5, atol=1e-5)
+
+
+def test_the_last_draw_is_rescored_after_an_optimiser_step(device):
+    flow = pyroflows.build("realnvp", 2).to(device)
+    q = FlowDistribution(normal(2, device), flow)
+    optimiser = torch.optim.SGD(flow.parameters(), lr=0.5)
+    y = q.rsample((8,))
+    before = q.log_prob(y)
+    (-before.sum()).backward()
+    optimiser.step()
+    after = q.log_prob(y)
+    assert after is not before
+    torch.testing.assert_close(after, q.log_prob(y.detach().clone()))
+    assert not torch.allclose(after, before)

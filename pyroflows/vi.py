@@ -1,0 +1,172 @@
+r"""Reverse-KL fitting of a flow to an unnormalised log-density, outside any Pyro model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pyroflows._checks import check_positive_float, check_positive_int
+from pyroflows.distributions import FlowDistribution
+from pyroflows.registry import build
+from pyroflows.transforms import FlowStack, LocScale
+from pyroflows.transforms.actnorm import skip_data_init
+
+LogDensity = Callable[[Tensor], Tensor]
+
+
+def fit_reverse_kl(
+    log_density: LogDensity,
+    dim: int,
+    flow: str = "realnvp",
+    *,
+    steps: int = 2000,
+    num_particles: int = 128,
+    lr: float = 5e-3,
+    stl: bool = False,
+    anneal: int = 0,
+    init_loc: Tensor | None = None,
+    init_scale: float = 1.0,
+    clip: float = 100.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> FlowDistribution:
+    r"""Fit a flow :math:`q` to :math:`p(z) \propto \exp(\text{log\_density}(z))` by reverse KL.
+
+    Minimises :math:`\mathrm{KL}(q \,\|\, p) = \mathbb{E}_q[\log q(z) - \log \tilde p(z)] +
+    \log Z` (the negative ELBO, up to the constant :math:`\log Z`) by Adam on
+    reparametrised Monte Carlo estimates with ``num_particles`` draws per step and a cosine
+    learning-rate decay. ``log_density`` maps a batch ``(n, dim)`` to ``(n,)``.
+
+    The flow is the registered family ``flow`` (with ``**options``) followed by a
+    :class:`~pyroflows.transforms.LocScale` layer at ``init_loc`` (default 0) and
+    ``init_scale``, so it starts as :math:`\mathcal{N}(\text{init\_loc},
+    \text{init\_scale}^2 I)`. ``stl=True`` uses the path-derivative ("sticking the
+    landing") gradient, which drops the score term :math:`\nabla_\theta \log q_\theta(z)`
+    at fixed :math:`z`: its expectation is zero and its variance vanishes only for the
+    ELBO's own gradient, so near the optimum STL has much lower variance (Roeder et al.
+    2017); it costs an extra inverse pass per step. ``anneal > 0`` tempers the target as
+    :math:`\beta_t \log \tilde p` with :math:`\beta_t` rising linearly from 0.01 to 1 over
+    the first ``anneal`` steps, as in Rezende & Mohamed (2015, sec. 6.1). Device and dtype
+    are those of ``init_loc``, else ``device`` and ``dtype``.
+
+    Returns the fitted :class:`~pyroflows.FlowDistribution`, in evaluation mode.
+
+    References:
+        Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015)
+        https://arxiv.org/abs/1505.05770
+
+        Sticking the Landing: Simple, Lower-Variance Gradient Estimators for Variational
+        Inference (Roeder, Wu & Duvenaud, 2017) https://arxiv.org/abs/1703.09194
+
+    Example:
+        >>> import torch
+        >>> target = lambda z: -0.5 * ((z - 3.0) ** 2).sum(-1)  # N(3, I), log Z = log 2 pi
+        >>> q = fit_reverse_kl(target, 2, "planar", steps=300, lr=0.05, progress=False)
+        >>> bool((q.sample((4000,)).mean(0) - 3.0).abs().max() < 0.1)
+        True
+    """
+    dim = check_positive_int("dim", dim)
+    steps = check_positive_int("steps", steps)
+    num_particles = check_positive_int("num_particles", num_particles)
+    lr = check_positive_float("lr", lr)
+    clip = check_positive_float("clip", clip)
+    init_scale = check_positive_float("init_scale", init_scale)
+    if not isinstance(anneal, int) or anneal < 0:
+        raise ValueError(f"anneal must be a non-negative integer, got {anneal!r}")
+    if not callable(log_density):
+        raise TypeError(f"log_density must be callable, got {type(log_density).__name__}")
+    loc = _initial_point(init_loc, dim, device, dtype)
+    _check_log_density(log_density, loc)
+
+    transform = FlowStack(
+        [build(flow, dim, **options), LocScale(loc, torch.full_like(loc, init_scale))]
+    )
+    transform = transform.to(device=loc.device, dtype=loc.dtype)
+    skip_data_init(transform)
+    zeros = torch.zeros_like(loc)
+    q = FlowDistribution(dist.Normal(zeros, torch.ones_like(zeros)).to_event(1), transform)
+    params = list(transform.parameters())
+    optimiser = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=lr / 100)
+    detached = _DetachedDensity(q) if stl else None
+
+    bar = tqdm(range(steps), disable=not progress, desc="reverse KL", unit="step")
+    for step in bar:
+        z, log_q = q.rsample_and_log_prob((num_particles,))
+        if detached is not None:
+            log_q = detached.log_prob(z)
+        beta = min(1.0, 0.01 + step / anneal) if anneal else 1.0
+        loss = (log_q - beta * log_density(z)).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the reverse-KL loss is {loss.item()} at step {step}: log_density is not "
+                "finite at some draws (map constrained variables to the real line first) "
+                "or the optimisation diverged (lower lr)"
+            )
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimiser.step()
+        schedule.step()
+        if progress and step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    transform.eval()
+    return q
+
+
+def _initial_point(
+    init_loc: Tensor | None, dim: int, device: torch.device | str | None, dtype: torch.dtype | None
+) -> Tensor:
+    if init_loc is None:
+        return torch.zeros(dim, device=device, dtype=dtype or torch.get_default_dtype())
+    loc = torch.as_tensor(init_loc)
+    if loc.shape != (dim,):
+        raise ValueError(f"init_loc must have shape ({dim},), got {tuple(loc.shape)}")
+    if not loc.is_floating_point():
+        loc = loc.to(torch.get_default_dtype())
+    return loc.detach().clone()
+
+
+def _check_log_density(log_density: LogDensity, loc: Tensor) -> None:
+    points = loc.expand(2, -1)
+    value = log_density(points)
+    if not isinstance(value, Tensor) or value.shape != (2,):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"log_density must map a batch of shape (n, {len(loc)}) to shape (n,); "
+            f"for input of shape (2, {len(loc)}) it returned {shape}"
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"log_density is {value[0].item()} at the initial point {loc.tolist()}; "
+            "it must be finite there (choose init_loc inside the support)"
+        )
+
+
+class _DetachedDensity(nn.Module):
+    r"""``z -> log q(z)`` with the flow's parameters held fixed (``stop_gradient``).
+
+    Gradients reach the parameters only through ``z``: the path derivative of Roeder et
+    al. (2017). One inverse pass.
+    """
+
+    def __init__(self, q: FlowDistribution) -> None:
+        super().__init__()
+        self.transform = q.transform
+        self.base = q.base
+
+    def forward(self, z: Tensor) -> Tensor:
+        x, ladj = self.transform.inverse_and_log_det(z)
+        return self.base.log_prob(x) + ladj
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        fixed = {name: p.detach() for name, p in self.named_parameters()}
+        return torch.func.functional_call(self, fixed, (z,))
