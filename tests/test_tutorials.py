@@ -1,4 +1,4 @@
-"""Every tutorial runs start to finish and writes its figures."""
+"""Every tutorial runs start to finish (in quick mode: few steps) and writes its figures."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.p
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(path, tmp_path):
-    env = {**os.environ, "MPLBACKEND": "Agg"}
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYROFLOWS_QUICK": "1"}  # few steps
     result = subprocess.run(
         [sys.executable, str(path)], capture_output=True, text=True, env=env, timeout=600
     )
