@@ -157,7 +157,7 @@ def posteriors(args) -> pd.DataFrame:
     }
     rows = []
     for name in args.posteriors:
-        post = load(name)
+        post = load(name, dtype=args.dtype)
         for label, make in guides.items():
             torch.manual_seed(0)
             pyro.set_rng_seed(0)
@@ -191,8 +191,13 @@ def main() -> None:
     parser.add_argument("--posteriors", nargs="+", default=POSTERIORS)
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--float64", action="store_true",
+        help="run the posteriors in float64 (Pyro's AutoIAFNormal and planar stacks then fail)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.dtype = torch.float64 if args.float64 else torch.float32
     pyro.enable_validation(False)  # let guides that leave the support show it in the metrics
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, {args.steps} steps, lr {args.lr}")
     pd.set_option("display.width", 200)
