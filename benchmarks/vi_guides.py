@@ -19,6 +19,7 @@ and particles) in one run on one machine:
 from __future__ import annotations
 
 import argparse
+import warnings
 import time
 from collections.abc import Callable
 from functools import partial
@@ -199,6 +200,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.dtype = torch.float64 if args.float64 else torch.float32
     pyro.enable_validation(False)  # let guides that leave the support show it in the metrics
+    warnings.filterwarnings("ignore", message="Encountered NaN")  # shows as NaN in the table
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, {args.steps} steps, lr {args.lr}")
     pd.set_option("display.width", 200)
     if args.part in ("energies", "both"):

@@ -7,6 +7,7 @@ Flow families are Pyro ``TransformModule`` stacks, registered by name::
 """
 
 from pyroflows import diagnostics, supports, targets, transforms
+from pyroflows.density import DensityEstimator
 from pyroflows.distributions import FlowDistribution
 from pyroflows.guides import AutoFlow
 from pyroflows.registry import build, list_flows, register_flow
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoFlow",
+    "DensityEstimator",
     "Flow",
     "FlowDistribution",
     "FlowStack",

@@ -1,75 +1,133 @@
-"""The main job on bundled data: fit a flow to a real 2-D table and score held-out rows.
+"""The main job on bundled data: a flow density of a real table against two baselines.
 
-The data are two columns of the Wisconsin breast cancer table that scikit-learn ships
-(``worst concavity`` and ``worst area``, 569 rows): skewed, bounded below, and far from
-Gaussian, so the gain of a flow over a Gaussian shows.
+The table is the Wisconsin breast cancer data that scikit-learn ships (569 rows, 30
+positive, skewed, strongly correlated columns; no download). A fifth of the rows is held
+out; the flow (:class:`~pyroflows.DensityEstimator`), a full-covariance Gaussian and a
+Gaussian mixture with a validated number of components are fitted to the rest, and each
+scores the held-out rows in nats per row in the data's own units.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import pyro.distributions as dist
-import torch
+import pandas as pd
 from sklearn.datasets import load_breast_cancer
 
-from pyroflows.distributions import FlowDistribution
-from pyroflows.registry import build
-from pyroflows.training import evaluate, fit_max_likelihood
+from pyroflows.baselines import gaussian_loglik, mixture_loglik
+from pyroflows.density import DensityEstimator
 
-COLUMNS = ["worst concavity", "worst area"]
+PAIR_COLUMNS = ["mean radius", "mean texture", "worst concavity", "worst area"]
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Held-out mean log-likelihoods, in nats per row in the data's own units."""
+    """Held-out mean log-likelihoods (nats per row, data units) and where the figures went."""
 
     flow: str
     flow_loglik: float
     gaussian_loglik: float
+    mixture_loglik: float
+    mixture_components: int
     epochs: int
     test_rows: int
+    figures: list[Path]
+
+
+def load_table() -> pd.DataFrame:
+    """The breast cancer table without its label column."""
+    return load_breast_cancer(as_frame=True).frame.drop(columns=["target"])
 
 
 def run_demo(
-    flow: str = "realnvp", *, seed: int = 0, epochs: int = 1000, progress: bool = True
+    flow: str = "realnvp",
+    *,
+    out: str | Path = "pyroflows-demo",
+    seed: int = 0,
+    epochs: int = 1000,
+    progress: bool = True,
 ) -> DemoResult:
-    """Fit ``flow`` to the bundled table on 60% of the rows, stop early on 20%, score 20%.
+    """Fit ``flow`` and the baselines on 80% of the rows, score the other 20%, draw figures.
 
     Example:
-        >>> result = run_demo(epochs=3, progress=False)
-        >>> result.test_rows
-        113
+        >>> import tempfile
+        >>> result = run_demo(out=tempfile.mkdtemp(), epochs=2, progress=False)
+        >>> result.test_rows, len(result.figures)
+        (113, 2)
     """
-    frame = load_breast_cancer(as_frame=True).frame
-    data = torch.tensor(np.ascontiguousarray(frame[COLUMNS].to_numpy(np.float64)))
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=generator)
-    n_test = len(data) // 5
-    test, valid, train = order[:n_test], order[n_test : 2 * n_test], order[2 * n_test :]
+    frame = load_table()
+    order = np.random.default_rng(seed).permutation(len(frame))
+    n_test = len(frame) // 5
+    test, fit = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]
 
-    # Standardise with the training rows; log|det| of the map enters every density.
-    mean, std = data[train].mean(0), data[train].std(0)
-    z = (data - mean) / std
-    log_jacobian = -std.log().sum().item()
+    estimator = DensityEstimator(flow, epochs=epochs, seed=seed, progress=progress)
+    history = estimator.fit(fit)
+    flow_loglik = estimator.score(test)
+    gaussian = gaussian_loglik(fit.to_numpy(), test.to_numpy()).mean()
+    mixture, components = mixture_loglik(fit.to_numpy(), test.to_numpy(), seed=seed)
 
-    gaussian = dist.MultivariateNormal(z[train].mean(0), torch.cov(z[train].T))
-    gaussian_loglik = gaussian.log_prob(z[test]).mean().item() + log_jacobian
-
-    torch.manual_seed(seed)
-    zeros = torch.zeros(2, dtype=torch.float64)
-    base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
-    model = FlowDistribution(base, build(flow, 2).double())
-    history = fit_max_likelihood(
-        model,
-        z[train],
-        z[valid],
-        epochs=epochs,
-        batch_size=128,
-        lr=3e-3,
-        patience=50,
-        progress=progress,
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [
+        _pair_plot(test, estimator.sample(len(test)), out / "samples_vs_data.png"),
+        _loss_curve(history, out / "loss.png"),
+    ]
+    return DemoResult(
+        flow,
+        flow_loglik,
+        float(gaussian),
+        float(mixture.mean()),
+        components,
+        len(history),
+        n_test,
+        figures,
     )
-    flow_loglik = -evaluate(model, z[test]) + log_jacobian
-    return DemoResult(flow, flow_loglik, gaussian_loglik, len(history), n_test)
+
+
+def _pair_plot(data: pd.DataFrame, samples: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(PAIR_COLUMNS)
+    fig, axes = plt.subplots(k, k, figsize=(2.6 * k, 2.6 * k))
+    for i, row in enumerate(PAIR_COLUMNS):
+        for j, col in enumerate(PAIR_COLUMNS):
+            ax = axes[i, j]
+            if i == j:
+                bins = np.histogram_bin_edges(data[col], bins=20)
+                ax.hist(data[col], bins=bins, alpha=0.5, density=True, label="held-out data")
+                ax.hist(samples[col], bins=bins, alpha=0.5, density=True, label="flow samples")
+            else:
+                ax.scatter(data[col], data[row], s=4, alpha=0.6, label="held-out data")
+                ax.scatter(samples[col], samples[row], s=4, alpha=0.6, label="flow samples")
+            if i == k - 1:
+                ax.set_xlabel(col)
+            if j == 0:
+                ax.set_ylabel(row)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
+def _loss_curve(history: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(history["epoch"], history["train_loss"], label="train")
+    ax.plot(history["epoch"], history["valid_loss"], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("negative log-likelihood (nats per row)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

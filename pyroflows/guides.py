@@ -21,9 +21,9 @@ from torch.distributions import constraints, transform_to
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
-from pyroflows.registry import build, family_options
-from pyroflows.transforms import FlowStack, LocScale
-from pyroflows.transforms.actnorm import skip_data_init
+from pyroflows.registry import family_options
+from pyroflows.transforms import FlowStack
+from pyroflows.vi import posterior_flow
 
 
 class AutoFlow(AutoContinuous):
@@ -33,15 +33,18 @@ class AutoFlow(AutoContinuous):
     site to the real line (:func:`~torch.distributions.constraints` bijections) and
     concatenates them into one vector :math:`z \in \mathbb{R}^D`. Its posterior is
 
-    .. math:: z = \mu + \sigma \odot f(\epsilon), \qquad \epsilon \sim \mathcal{N}(0, I_D),
+    .. math:: z = \mu + W f(\epsilon), \qquad \epsilon \sim \mathcal{N}(0, I_D),
 
     where :math:`f` is a stack of the registered flow family ``flow`` built with
-    ``**options`` (e.g. ``layers``, ``hidden``), and :math:`\mu, \sigma` start at the
-    model's initial point (``init_loc_fn``, by default the prior median, or a feasible
-    point where the prior cannot be sampled, e.g. an improper flat prior) and
-    ``init_scale``. Every family starts at the
-    identity, so at step 0 the guide is the mean-field Gaussian of
-    :class:`~pyro.infer.autoguide.AutoDiagonalNormal`; the flow acts on standardised values.
+    ``**options`` (e.g. ``layers``, ``hidden``), :math:`W` an invertible linear map in LU
+    form, and :math:`\mu, W` start at the model's initial point (``init_loc_fn``, by
+    default the prior median, or a feasible point where the prior cannot be sampled, e.g.
+    an improper flat prior) and at ``init_scale`` times the identity (see
+    :func:`~pyroflows.vi.posterior_flow`). Every family starts at the identity, so at step
+    0 the guide is the mean-field Gaussian of :class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
+    and with the flow at the identity it spans every Gaussian, so it contains
+    :class:`~pyro.infer.autoguide.AutoMultivariateNormal`; the flow acts on standardised
+    values. The linear map has :math:`D^2` parameters.
 
     Sampling and scoring a draw cost one forward pass of the flow, for planar and radial
     flows too (see :class:`~pyroflows.FlowDistribution`). Actnorm layers skip their
@@ -107,14 +110,9 @@ class AutoFlow(AutoContinuous):
                         "Subsample only plates of observed sites, or guide local latent "
                         "sites with an amortised guide."
                     )
-        init = self._init_loc()
-        flow = build(self._flow_name, self.latent_dim, **self._flow_options)
-        self.transform = FlowStack(
-            [flow, LocScale(torch.zeros_like(init), torch.full_like(init, self._init_scale))]
-        ).to(device=init.device, dtype=init.dtype)
-        skip_data_init(self.transform)
-        with torch.no_grad():
-            self.transform[1].shift.copy_(init)
+        self.transform = posterior_flow(
+            self._flow_name, self._init_loc(), self._init_scale, **self._flow_options
+        )
         self._dependent = _sites_with_dependent_support(self.model, self.prototype_trace)
 
     def _init_loc(self) -> Tensor:

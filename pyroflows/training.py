@@ -13,7 +13,7 @@ import math
 
 import pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyroflows._checks import check_positive_float, check_positive_int
@@ -21,7 +21,7 @@ from pyroflows.distributions import FlowDistribution
 
 
 def fit_max_likelihood(
-    model: FlowDistribution,
+    model: FlowDistribution | nn.Module,
     train: Tensor,
     valid: Tensor,
     *,
@@ -32,14 +32,17 @@ def fit_max_likelihood(
     clip: float = 5.0,
     progress: bool = True,
 ) -> pd.DataFrame:
-    r"""Fit ``model.transform`` to ``train`` by minibatch Adam; return the history per epoch.
+    r"""Fit ``model`` to ``train`` by minibatch Adam; return the history per epoch.
 
-    Each epoch shuffles ``train`` into minibatches of ``batch_size`` rows, clips the
-    gradient norm to ``clip``, and then scores ``valid``. The learning rate halves when the
-    validation loss stalls for ``patience // 3`` epochs; training stops after ``patience``
-    epochs without a new best, and the weights of the best epoch are restored. Losses are
-    mean negative log-likelihoods in nats per row. Draws use torch's global generator (seed
-    it for reproducibility).
+    ``model`` is a :class:`~pyroflows.FlowDistribution` (its flow is trained) or a module
+    with a ``log_prob`` method (all its parameters are trained). Each epoch shuffles
+    ``train`` into minibatches of ``batch_size`` rows, clips the gradient norm to ``clip``,
+    and then scores ``valid``. The learning rate halves when the validation loss stalls for
+    ``patience // 3`` epochs; training stops after ``patience`` epochs without a new best,
+    and the best weights are restored. The starting point is a candidate too, so the result
+    never scores worse on ``valid`` than the model it started from. Losses are mean negative
+    log-likelihoods in nats per row. Draws use torch's global generator (seed it for
+    reproducibility).
 
     Example:
         >>> import torch, pyro.distributions as dist, pyroflows
@@ -57,15 +60,20 @@ def fit_max_likelihood(
     check_positive_int("patience", patience)
     check_positive_float("lr", lr)
     check_positive_float("clip", clip)
-    flow = model.transform
+    flow = model.transform if isinstance(model, FlowDistribution) else model
     params = [p for p in flow.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, factor=0.5, patience=max(1, patience // 3)
     )
-    best, best_state, stale, rows = math.inf, copy.deepcopy(flow.state_dict()), 0, []
+    best, best_state, stale, rows = (
+        evaluate(model, valid, batch_size),
+        copy.deepcopy(flow.state_dict()),
+        0,
+        [],
+    )
     bar = tqdm(range(epochs), disable=not progress, desc="fit", unit="epoch")
-    for epoch in bar:
+    for epoch in bar:  # epoch 0 is the starting point, scored above
         flow.train()
         total = torch.zeros((), device=train.device, dtype=train.dtype)
         for index in torch.randperm(len(train), device=train.device).split(batch_size):
@@ -78,7 +86,7 @@ def fit_max_likelihood(
         valid_loss = evaluate(model, valid, batch_size)
         train_loss = (total / len(train)).item()
         schedule.step(valid_loss)
-        rows.append((epoch, train_loss, valid_loss, optimiser.param_groups[0]["lr"]))
+        rows.append((epoch + 1, train_loss, valid_loss, optimiser.param_groups[0]["lr"]))
         bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}", refresh=False)
         if valid_loss < best:
             best, best_state, stale = valid_loss, copy.deepcopy(flow.state_dict()), 0
@@ -93,7 +101,7 @@ def fit_max_likelihood(
 
 
 @torch.no_grad()
-def evaluate(model: FlowDistribution, data: Tensor, batch_size: int = 4096) -> float:
+def evaluate(model: FlowDistribution | nn.Module, data: Tensor, batch_size: int = 4096) -> float:
     """Mean negative log-likelihood of ``data`` in nats per row (inf if any row is not finite).
 
     Example:
@@ -104,9 +112,10 @@ def evaluate(model: FlowDistribution, data: Tensor, batch_size: int = 4096) -> f
         >>> round(evaluate(model, torch.zeros(3, 1)), 4)  # log(2 pi) / 2
         0.9189
     """
-    training = model.transform.training
-    model.transform.eval()
-    total = sum(model.log_prob(chunk).sum() for chunk in data.split(batch_size))
-    model.transform.train(training)
+    module = model.transform if isinstance(model, FlowDistribution) else model
+    training = module.training
+    module.eval()
+    total = sum(model.log_prob(chunk).sum() for chunk in data.split(max(batch_size, 4096)))
+    module.train(training)
     value = -total.item() / len(data)
     return value if math.isfinite(value) else math.inf

@@ -2,6 +2,7 @@ r"""Reverse-KL fitting of a flow to an unnormalised log-density, outside any Pyr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
 from pyroflows.registry import build
-from pyroflows.transforms import FlowStack, LocScale
+from pyroflows.transforms import FlowStack, LULinear
 from pyroflows.transforms.actnorm import skip_data_init
 
 LogDensity = Callable[[Tensor], Tensor]
@@ -44,14 +45,14 @@ def fit_reverse_kl(
     reparametrised Monte Carlo estimates with ``num_particles`` draws per step and a cosine
     learning-rate decay. ``log_density`` maps a batch ``(n, dim)`` to ``(n,)``.
 
-    The flow is the registered family ``flow`` (with ``**options``) followed by a
-    :class:`~pyroflows.transforms.LocScale` layer at ``init_loc`` (default 0) and
-    ``init_scale``, so it starts as :math:`\mathcal{N}(\text{init\_loc},
-    \text{init\_scale}^2 I)`. ``stl=True`` uses the path-derivative ("sticking the
-    landing") gradient, which drops the score term :math:`\nabla_\theta \log q_\theta(z)`
-    at fixed :math:`z`: its expectation is zero and its variance vanishes only for the
-    ELBO's own gradient, so near the optimum STL has much lower variance (Roeder et al.
-    2017); it costs an extra inverse pass per step. ``anneal > 0`` tempers the target as
+    The flow is the registered family ``flow`` (with ``**options``) followed by an affine
+    map (:func:`posterior_flow`), so it starts as :math:`\mathcal{N}(\text{init\_loc},
+    \text{init\_scale}^2 I)` (``init_loc`` default 0) and contains every Gaussian.
+    ``stl=True`` uses the path-derivative ("sticking the landing") gradient: it drops the
+    score term :math:`\nabla_\theta \log q_\theta(z)` at fixed :math:`z`, whose expectation
+    is zero; what remains is exactly zero for every draw when :math:`q = p`, so near the
+    optimum its variance is far lower (Roeder et al. 2017). It costs an extra inverse pass
+    per step. ``anneal > 0`` tempers the target as
     :math:`\beta_t \log \tilde p` with :math:`\beta_t` rising linearly from 0.01 to 1 over
     the first ``anneal`` steps, as in Rezende & Mohamed (2015, sec. 6.1). Device and dtype
     are those of ``init_loc``, else ``device`` and ``dtype``.
@@ -85,11 +86,7 @@ def fit_reverse_kl(
     loc = _initial_point(init_loc, dim, device, dtype)
     _check_log_density(log_density, loc)
 
-    transform = FlowStack(
-        [build(flow, dim, **options), LocScale(loc, torch.full_like(loc, init_scale))]
-    )
-    transform = transform.to(device=loc.device, dtype=loc.dtype)
-    skip_data_init(transform)
+    transform = posterior_flow(flow, loc, init_scale, **options)
     zeros = torch.zeros_like(loc)
     q = FlowDistribution(dist.Normal(zeros, torch.ones_like(zeros)).to_event(1), transform)
     params = list(transform.parameters())
@@ -120,6 +117,34 @@ def fit_reverse_kl(
     bar.close()
     transform.eval()
     return q
+
+
+def posterior_flow(flow: str, loc: Tensor, scale: float, **options: Any) -> FlowStack:
+    r"""The flow of a variational posterior: family ``flow``, then an affine map.
+
+    Draws are :math:`z = W f(\epsilon) + b`, :math:`\epsilon \sim \mathcal{N}(0, I)`, with
+    :math:`f` the family's stack (built with ``**options``, in standardised coordinates)
+    and :math:`W = LU` an invertible linear map in LU form
+    (:class:`~pyroflows.transforms.LULinear`) that starts at :math:`\mathrm{diag}(scale)`
+    with :math:`b` at ``loc``. Every family starts at the identity, so the posterior starts
+    as :math:`\mathcal{N}(loc, scale^2 I)`; with the flow at the identity it is any
+    Gaussian (:math:`W` holds every lower-triangular Cholesky factor), so it contains the
+    full-covariance Gaussian guide. Actnorm layers skip their data-dependent start.
+
+    Example:
+        >>> import torch
+        >>> flow = posterior_flow("planar", torch.tensor([1.0, 2.0]), 0.5)
+        >>> flow.forward_and_log_det(torch.zeros(2))[0]
+        tensor([1., 2.], grad_fn=<AddBackward0>)
+    """
+    dim = len(loc)
+    linear = LULinear(dim)
+    stack = FlowStack([build(flow, dim, **options), linear]).to(device=loc.device, dtype=loc.dtype)
+    with torch.no_grad():
+        linear.log_diag.fill_(math.log(scale))
+        linear.bias.copy_(loc)
+    skip_data_init(stack)
+    return stack
 
 
 def _initial_point(

@@ -34,6 +34,7 @@ def test_early_stopping_restores_the_best_epoch(device):
     torch.manual_seed(0)
     data = torch.randn(60, 3, device=device, dtype=torch.float64)  # tiny: overfits fast
     model = gaussian_model(3, device)
+    start = evaluate(model, data[30:])
     history = fit_max_likelihood(
         model,
         data[:30],
@@ -45,7 +46,7 @@ def test_early_stopping_restores_the_best_epoch(device):
         progress=False,
     )
     assert len(history) < 400  # stopped early
-    best = history["valid_loss"].min()
+    best = min(history["valid_loss"].min(), start)  # the start is a candidate too
     assert evaluate(model, data[30:]) == pytest.approx(best, rel=1e-9)
     assert history["valid_loss"].iloc[-1] > best
     assert not model.transform.training
@@ -65,3 +66,16 @@ def test_bad_options_are_named(option, value, message):
     data = torch.randn(10, 2, dtype=torch.float64)
     with pytest.raises((ValueError, TypeError), match=message):
         fit_max_likelihood(model, data, data, progress=False, **{option: value})
+
+
+def test_fitting_never_ends_worse_on_validation_than_it_started(device):
+    # Tiny data and a large learning rate: every epoch overfits, so the start must win.
+    torch.manual_seed(0)
+    data = torch.randn(40, 4, device=device, dtype=torch.float64)
+    model = gaussian_model(4, device)
+    start = evaluate(model, data[20:])
+    history = fit_max_likelihood(
+        model, data[:20], data[20:], epochs=30, batch_size=4, lr=0.05, patience=5, progress=False
+    )
+    assert history["valid_loss"].min() > start
+    assert evaluate(model, data[20:]) == pytest.approx(start, rel=1e-12)
