@@ -19,8 +19,8 @@ and particles) in one run on one machine:
 from __future__ import annotations
 
 import argparse
-import warnings
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 
