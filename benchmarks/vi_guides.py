@@ -193,7 +193,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--float64", action="store_true",
+        "--float64",
+        action="store_true",
         help="run the posteriors in float64 (Pyro's AutoIAFNormal and planar stacks then fail)",
     )
     args = parser.parse_args()
