@@ -179,6 +179,7 @@ class TabularDensity(nn.Module):
         self.flow = flow
         self.transform = flow.transform  # the trained module
         kinds = [c.kind for c in columns]
+        self._has_discrete = any(c.discrete for c in columns)
         self.register_buffer("discrete", torch.tensor([c.discrete for c in columns]))
         self.register_buffer("positive", torch.tensor([k == "positive" for k in kinds]))
         self.register_buffer("interval", torch.tensor([k == "interval" for k in kinds]))
@@ -208,7 +209,7 @@ class TabularDensity(nn.Module):
 
         Rows outside a column's support get log|det| = -inf (density 0).
         """
-        if bool(self.discrete.any()):
+        if self._has_discrete:  # a Python bool: no device sync, no graph break
             noise = torch.rand_like(y).clamp(EPS, 1 - EPS) if self.training else 0.5
             y = torch.where(self.discrete, y + noise, y)
         width = self.high - self.low

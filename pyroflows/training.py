@@ -30,6 +30,7 @@ def fit_max_likelihood(
     lr: float = 1e-3,
     patience: int = 30,
     clip: float = 5.0,
+    compile: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
     r"""Fit ``model`` to ``train`` by minibatch Adam; return the history per epoch.
@@ -42,7 +43,13 @@ def fit_max_likelihood(
     and the best weights are restored. The starting point is a candidate too, so the result
     never scores worse on ``valid`` than the model it started from. Losses are mean negative
     log-likelihoods in nats per row. Draws use torch's global generator (seed it for
-    reproducibility).
+    reproducibility). Adam runs fused (one kernel for all parameters).
+
+    ``compile=True`` compiles the training loss with :func:`torch.compile`: it costs
+    tens of seconds once and then runs each step faster (the benchmarks say by how much).
+    Minibatches are then all of ``batch_size`` rows (each epoch leaves out the
+    ``len(train) % batch_size`` rows that its shuffle puts last), so one compiled graph
+    serves every step.
 
     Example:
         >>> import torch, pyro.distributions as dist, pyroflows
@@ -62,7 +69,13 @@ def fit_max_likelihood(
     check_positive_float("clip", clip)
     flow = model.transform if isinstance(model, FlowDistribution) else model
     params = [p for p in flow.parameters() if p.requires_grad]
-    optimiser = torch.optim.Adam(params, lr=lr)
+    optimiser = torch.optim.Adam(params, lr=lr, fused=True)
+
+    def batch_loss(batch: Tensor) -> Tensor:
+        return -model.log_prob(batch).mean()
+
+    step_loss = torch.compile(batch_loss) if compile else batch_loss
+    full_batches_only = compile and len(train) >= batch_size
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, factor=0.5, patience=max(1, patience // 3)
     )
@@ -75,16 +88,19 @@ def fit_max_likelihood(
     bar = tqdm(range(epochs), disable=not progress, desc="fit", unit="epoch")
     for epoch in bar:  # epoch 0 is the starting point, scored above
         flow.train()
-        total = torch.zeros((), device=train.device, dtype=train.dtype)
+        total, seen = torch.zeros((), device=train.device, dtype=train.dtype), 0
         for index in torch.randperm(len(train), device=train.device).split(batch_size):
-            loss = -model.log_prob(train[index]).mean()
+            if full_batches_only and len(index) < batch_size:
+                break
+            loss = step_loss(train[index])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
             optimiser.step()
             total += loss.detach() * len(index)
+            seen += len(index)
         valid_loss = evaluate(model, valid, batch_size)
-        train_loss = (total / len(train)).item()
+        train_loss = (total / seen).item()
         schedule.step(valid_loss)
         rows.append((epoch + 1, train_loss, valid_loss, optimiser.param_groups[0]["lr"]))
         bar.set_postfix(train=f"{train_loss:.4f}", valid=f"{valid_loss:.4f}", refresh=False)

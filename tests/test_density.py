@@ -275,3 +275,14 @@ def test_the_flow_beats_both_baselines_on_a_skewed_real_table():
 
 def test_public_name():
     assert pyroflows.DensityEstimator is DensityEstimator
+
+
+@pytest.mark.filterwarnings(
+    "ignore::FutureWarning:torch",
+    "ignore::DeprecationWarning:torch",  # torch.compile internals
+)
+def test_a_compiled_fit_trains_and_scores():
+    frame = mixed_frame(n=300)
+    model = DensityEstimator(epochs=3, batch_size=64, compile=True, progress=False, seed=0)
+    history = model.fit(frame)
+    assert len(history) == 3 and np.isfinite(model.score(frame))
