@@ -48,6 +48,8 @@ BLOCKS = python_blocks()
 
 
 @pytest.mark.parametrize("code", [c for _, c in BLOCKS], ids=[n for n, _ in BLOCKS])
-def test_documentation_examples_run(code):
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+def test_documentation_examples_run(code, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
