@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -58,7 +59,9 @@ def banana(n: int, rng: np.random.Generator, dim: int = 8) -> tuple[np.ndarray, 
     rows = np.empty((n, dim))
     rows[:, 0::2], rows[:, 1::2] = x, y
     normal = -0.5 * np.log(2 * np.pi)
-    log_p = (normal - np.log(1.5) - 0.5 * (x / 1.5) ** 2 + normal - 0.5 * e**2 - np.log(0.5)).sum(1)
+    log_p = (normal - np.log(1.5) - 0.5 * (x / 1.5) ** 2 + normal - 0.5 * e**2 - np.log(0.5)).sum(
+        1
+    )
     return rows, log_p
 
 
@@ -162,6 +165,22 @@ def held_out(log_prob, test, log_jacobian) -> float:
     return value + log_jacobian if math.isfinite(value) else -math.inf
 
 
+def record(rows, data, truth, model, loglik, steps_per_s=None, sample_s=None, note=""):
+    """Append one result row (with the gap to the true density where it is known)."""
+    gap = None if truth is None else truth.mean() - loglik
+    rows.append(
+        {
+            "data": data,
+            "model": model + note,
+            "held-out loglik": loglik,
+            "KL(p||q)": gap,
+            "steps/s": steps_per_s,
+            "10k samples (s)": sample_s,
+        }
+    )
+    print(rows[-1], flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -179,9 +198,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     device, dtype = torch.device(args.device), torch.float32
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
-          f"{args.layers} layers, hidden ({args.hidden}, {args.hidden}), fused Adam lr "
-          f"{args.lr}, batch {args.batch}, {args.steps} steps\n")
+    print(
+        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
+        f"{args.layers} layers, hidden ({args.hidden}, {args.hidden}), fused Adam lr "
+        f"{args.lr}, batch {args.batch}, {args.steps} steps\n"
+    )
     rows = []
     for name in args.data:
         train_np, test_np, truth = load(name)
@@ -192,13 +213,8 @@ def main() -> None:
         test = torch.tensor((test_np - mean) / std, device=device, dtype=dtype)
         dim = train.shape[1]
 
-        def add(model, loglik, steps_per_s=None, sample_s=None, note=""):
-            gap = None if truth is None else truth.mean() - loglik
-            rows.append({"data": f"{name} ({len(train_np) + len(test_np)}x{dim})",
-                         "model": model + note, "held-out loglik": loglik,
-                         "KL(p||q)": gap, "steps/s": steps_per_s, "10k samples (s)": sample_s})
-            print(rows[-1], flush=True)
-
+        data_label = f"{name} ({len(train_np) + len(test_np)}x{dim})"
+        add = partial(record, rows, data_label, truth)
         if truth is not None:
             add("true density", truth.mean())
         add("Gaussian (full covariance)", gaussian_loglik(train_np, test_np).mean())
@@ -211,22 +227,38 @@ def main() -> None:
             rate = plain_loop(module, log_prob, train, args.steps, args.batch, args.lr, device)
             with torch.no_grad():
                 sample(100)
-                sample_s = timed(lambda: sample(10_000), device)[1]
+                sample_s = timed(partial(sample, 10_000), device)[1]
             add(label, held_out(log_prob, test, log_jacobian), rate, sample_s, ", plain loop")
         if not args.no_compile:
             torch.manual_seed(0)
             module, log_prob, _ = ours("realnvp")(dim, args.layers, args.hidden, device, dtype)
-            rate = plain_loop(module, log_prob, train, args.steps, args.batch, args.lr, device, True)
-            add("pyroflows realnvp", held_out(log_prob, test, log_jacobian), rate, None,
-                ", plain loop, torch.compile")
+            rate = plain_loop(
+                module, log_prob, train, args.steps, args.batch, args.lr, device, True
+            )
+            add(
+                "pyroflows realnvp",
+                held_out(log_prob, test, log_jacobian),
+                rate,
+                None,
+                ", plain loop, torch.compile",
+            )
         for family in ("realnvp", "glow"):
             estimator = pyroflows.DensityEstimator(
-                family, layers=args.layers, hidden=(args.hidden, args.hidden),
-                batch_size=args.batch, lr=args.lr, seed=0, progress=False, device=device,
+                family,
+                layers=args.layers,
+                hidden=(args.hidden, args.hidden),
+                batch_size=args.batch,
+                lr=args.lr,
+                seed=0,
+                progress=False,
+                device=device,
             )
             history = estimator.fit(pd.DataFrame(train_np))
-            add(f"pyroflows DensityEstimator {family}",
-                estimator.score(pd.DataFrame(test_np)), note=f" ({len(history)} epochs)")
+            add(
+                f"pyroflows DensityEstimator {family}",
+                estimator.score(pd.DataFrame(test_np)),
+                note=f" ({len(history)} epochs)",
+            )
     table = pd.DataFrame(rows)
     print()
     print(table.to_markdown(index=False, floatfmt=".3f"))

@@ -20,11 +20,21 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 class MLP(nn.Module):
-    r"""A multi-layer perceptron whose output layer starts at zero.
+    r"""A multi-layer perceptron whose output starts at zero: :math:`g \odot \mathrm{net}(x)`.
 
     Flow layers read their parameters from its output and are built so that zero parameters
-    give the identity map, so every network-driven layer starts as the identity. With no
-    inputs (``in_features=0``) the network is a learned constant vector.
+    give the identity map, so every network-driven layer starts as the identity. The output
+    is the usual network scaled by a learned per-output gain :math:`g` that starts at 0
+    (ReZero, Bachlechner et al. 2020) rather than a last layer that starts at zero: with
+    Adam every weight moves by about the learning rate per step, so a zero last layer of
+    fan-in :math:`h` can move an output by about :math:`h` times the learning rate per step,
+    which throws flow guides off at the learning rates variational inference uses; a gain
+    moves it by about the learning rate. With no inputs (``in_features=0``) the network is
+    a learned constant vector.
+
+    References:
+        ReZero is All You Need: Fast Convergence at Large Depth (Bachlechner et al., 2020)
+        https://arxiv.org/abs/2003.04887
 
     Example:
         >>> import torch
@@ -52,12 +62,10 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         for a, b in itertools.pairwise(widths):
             layers += [nn.Linear(a, b), act()]
-        last = nn.Linear(widths[-1], out_features)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        self.net = nn.Sequential(*layers, last)
+        self.net = nn.Sequential(*layers, nn.Linear(widths[-1], out_features))
+        self.gain = nn.Parameter(torch.zeros(out_features))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.net is None:
             return self.constant.expand(*x.shape[:-1], self.out_features)
-        return self.net(x)
+        return self.gain * self.net(x)

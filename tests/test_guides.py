@@ -19,7 +19,7 @@ from pyro.infer import (
     TraceGraph_ELBO,
 )
 from pyro.infer.autoguide import AutoDiagonalNormal, init_to_feasible
-from pyro.optim import Adam
+from pyro.optim import Adam, ClippedAdam
 
 from pyroflows import AutoFlow, list_flows
 from pyroflows.transforms import Planar
@@ -56,7 +56,7 @@ def regression_model(device):
 def test_every_registered_family_is_a_guide_family(name, device):
     model = regression_model(device)
     guide = AutoFlow(model, name)
-    svi = SVI(model, guide, Adam({"lr": 0.02}), Trace_ELBO())
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
     losses = [svi.step() for _ in range(60)]
     assert all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-10:]) < sum(losses[:10])
@@ -174,7 +174,7 @@ def test_jit_elbo_gives_the_plain_loss_and_gradients(name, device):
         loss = elbo.loss_and_grads(model, guide)
         results.append((loss, [p.grad.clone() for p in params]))
     (jit_loss, jit_grads), (loss, grads) = results
-    assert jit_loss == pytest.approx(loss, rel=1e-9)
+    assert jit_loss == pytest.approx(loss, rel=1e-7)  # fused ops round differently
     for jit_grad, grad in zip(jit_grads, grads):
         torch.testing.assert_close(jit_grad, grad)
 
@@ -203,7 +203,8 @@ def test_predictive_median_and_quantiles_on_a_conjugate_model(device):
     post_mean = post_var * y.sum().item()
     guide = AutoFlow(model, "planar")
     elbo = Trace_ELBO(num_particles=32, vectorize_particles=True)
-    svi = SVI(model, guide, Adam({"lr": 0.02}), elbo)
+    # A decaying learning rate, so that the end point is not SGD noise around the optimum.
+    svi = SVI(model, guide, ClippedAdam({"lr": 0.02, "lrd": 0.997}), elbo)
     for _ in range(800):
         svi.step()
     median = guide.median(num_samples=4000)["mu"]
