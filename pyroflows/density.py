@@ -13,7 +13,7 @@ from torch import Tensor
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
-from pyroflows.registry import build, family_options, list_flows
+from pyroflows.registry import build, check_options, list_flows
 from pyroflows.tabular import (
     Column,
     Schema,
@@ -93,13 +93,7 @@ class DensityEstimator:
         dtype: torch.dtype | None = None,
         **options: Any,
     ) -> None:
-        valid = family_options(flow)
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"flow family {flow!r} has no option {', '.join(map(repr, unknown))}; "
-                f"its options are: {', '.join(valid) or '(none)'}"
-            )
+        check_options(flow, options)  # an unknown family or option fails here, not at fit
         self.flow = flow
         self.options = options
         self.training = {

@@ -21,7 +21,7 @@ from torch.distributions import constraints, transform_to
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
-from pyroflows.registry import family_options
+from pyroflows.registry import check_options
 from pyroflows.transforms import FlowStack
 from pyroflows.vi import posterior_flow
 
@@ -85,13 +85,7 @@ class AutoFlow(AutoContinuous):
         init_scale: float = 0.1,
         **options: Any,
     ) -> None:
-        valid = family_options(flow)  # raises for an unknown family, listing the valid ones
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"flow family {flow!r} has no option {', '.join(map(repr, unknown))}; "
-                f"its options are: {', '.join(valid) or '(none)'}"
-            )
+        check_options(flow, options)  # an unknown family or option fails here, not at fit
         self._flow_name = flow
         self._flow_options = options
         self._init_scale = check_positive_float("init_scale", init_scale)
@@ -110,9 +104,11 @@ class AutoFlow(AutoContinuous):
                         "Subsample only plates of observed sites, or guide local latent "
                         "sites with an amortised guide."
                     )
+        init = self._init_loc()
         self.transform = posterior_flow(
-            self._flow_name, self._init_loc(), self._init_scale, **self._flow_options
+            self._flow_name, init, self._init_scale, **self._flow_options
         )
+        self.register_buffer("_base_loc", torch.zeros_like(init))  # follows .to(device)
         self._dependent = _sites_with_dependent_support(self.model, self.prototype_trace)
 
     def _init_loc(self) -> Tensor:
@@ -136,8 +132,7 @@ class AutoFlow(AutoContinuous):
         return torch.cat([part.to(device=device, dtype=dtype) for part in parts])
 
     def get_base_dist(self) -> dist.Distribution:
-        zeros = self._prototype_zeros()
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        return dist.Normal(self._base_loc, torch.ones_like(self._base_loc)).to_event(1)
 
     def get_transform(self, *args: Any, **kwargs: Any) -> FlowStack:
         return self.transform
@@ -145,10 +140,6 @@ class AutoFlow(AutoContinuous):
     def get_posterior(self, *args: Any, **kwargs: Any) -> FlowDistribution:
         """The guide's distribution over the unconstrained latent vector."""
         return FlowDistribution(self.get_base_dist(), self.transform)
-
-    def _prototype_zeros(self) -> Tensor:
-        init = self.prototype_trace.nodes[next(iter(self._unconstrained_shapes))]["value"]
-        return init.new_zeros(self.latent_dim)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         if self.prototype_trace is None:

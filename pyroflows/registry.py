@@ -65,6 +65,28 @@ def family_options(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in parameters if p.kind is not p.VAR_KEYWORD}
 
 
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options that family ``name`` does not take, listing the ones it does.
+
+    Example:
+        >>> check_options("planar", {"layers": 4})
+        >>> check_options("planar", {"hidden": (8,)})
+        Traceback (most recent call last):
+        ...
+        ValueError: flow family 'planar' has no option 'hidden'; its options are: layers
+    """
+    signature = inspect.signature(_family(name))
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    valid = family_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"flow family {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(valid) or '(none)'}"
+        )
+
+
 def build(name: str, dim: int, **options: Any):
     """Build a ready flow stack of family ``name`` for ``dim``-dimensional vectors.
 
@@ -82,18 +104,9 @@ def build(name: str, dim: int, **options: Any):
     """
     from pyroflows.transforms.base import Flow
 
-    family = _family(name)
+    check_options(name, options)
     check_positive_int("dim", dim)
-    signature = inspect.signature(family)
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    valid = family_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown and not takes_any:
-        raise ValueError(
-            f"flow family {name!r} has no option {', '.join(map(repr, unknown))}; "
-            f"its options are: {', '.join(valid) or '(none)'}"
-        )
-    flow = family(dim, **options)
+    flow = _family(name)(dim, **options)
     if not isinstance(flow, Flow):
         raise TypeError(
             f"flow family {name!r} returned {type(flow).__name__}, not a pyroflows.Flow"

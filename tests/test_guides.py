@@ -288,3 +288,22 @@ def test_unknown_family_and_option_are_refused_at_construction():
         AutoFlow(lambda: None, "planar", hidden=(8,))
     with pytest.raises(ValueError, match="init_scale must be a finite positive number"):
         AutoFlow(lambda: None, init_scale=0.0)
+
+
+def test_flat_priors_start_feasibly_and_follow_the_data_device(device):
+    # ImproperUniform cannot be sampled, so its initial value is made on the CPU; the guide
+    # must still live where the model's data live.
+    y = torch.tensor([0.3, 1.1, 0.7], device=device, dtype=torch.float64)
+
+    def model():
+        loc = pyro.sample("loc", dist.ImproperUniform(constraints.real, (), ()))
+        scale = pyro.sample("scale", dist.ImproperUniform(constraints.positive, (), ()))
+        with pyro.plate("data", 3):
+            pyro.sample("y", dist.Normal(loc, scale), obs=y)
+
+    guide = AutoFlow(model, "realnvp")
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    assert math.isfinite(svi.step())
+    sample = guide()
+    assert sample["loc"].device.type == device.type and sample["scale"] > 0
+    assert guide.get_base_dist().sample().device.type == device.type
