@@ -43,8 +43,10 @@ class DensityEstimator:
     never ends worse than that Gaussian on the validation rows.
 
     Column supports: ``support={"col": "positive" | "real" | (low, high)}`` declares them;
-    undeclared columns whose values are all positive are detected as positive unless
-    ``auto_support=False``. Rows outside a fitted support score ``-inf`` (density 0).
+    undeclared float columns whose values are all positive and whose log is less skewed than
+    they are, and integer columns whose values are all >= 0, are detected as positive
+    unless ``auto_support=False``. Rows outside a fitted
+    support score ``-inf`` (density 0).
     Categorical and string columns are refused with an error that names them: encode them
     as numbers or indicators first.
 

@@ -79,9 +79,11 @@ def infer_schema(
     """Validate a table and decide each column's kind.
 
     Declared ``support`` entries (``"real"``, ``"positive"`` or a ``(low, high)`` pair) win;
-    otherwise, with ``auto_support``, a column whose values are all > 0 (all >= 0 for a
-    discrete column, which dequantisation moves above 0) is positive; booleans live in
-    ``(0, 2)`` after dequantisation.
+    otherwise, with ``auto_support``, an integer column whose values are all >= 0 (a count:
+    dequantisation moves it above 0) is positive, and a float column whose values are all
+    > 0 is positive, i.e. modelled in log space, when the log makes it less skewed (a
+    right-skewed measurement, not values piled up near 0); booleans live in ``(0, 2)``
+    after dequantisation.
     """
     support = dict(support or {})
     unknown = [key for key in support if key not in frame.columns]
@@ -110,7 +112,7 @@ def infer_schema(
             _declare(column, declared, numbers)
         elif is_bool:
             column.kind, column.low, column.high = "interval", 0.0, 2.0
-        elif auto_support and (numbers.min() >= 0 if discrete else numbers.min() > 0):
+        elif auto_support and (numbers.min() >= 0 if discrete else _log_is_better(numbers)):
             column.kind = "positive"
         columns.append(column)
     return Schema(columns, source, frame.index.name)
@@ -139,6 +141,18 @@ def _declare(column: Column, declared: Any, numbers: np.ndarray) -> None:
             f"span [{numbers.min()}, {numbers.max()}]"
             + (" (dequantised up to max + 1)" if column.discrete else "")
         )
+
+
+def _log_is_better(values: np.ndarray) -> bool:
+    """Whether ``values`` are all positive and their log is less skewed than they are."""
+    if values.min() <= 0:
+        return False
+    return abs(_skewness(np.log(values))) < abs(_skewness(values))
+
+
+def _skewness(values: np.ndarray) -> float:
+    centred = values - values.mean()
+    return float((centred**3).mean() / max((centred**2).mean(), 1e-300) ** 1.5)
 
 
 def check_values(frame: pd.DataFrame) -> None:
