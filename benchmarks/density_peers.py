@@ -192,6 +192,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled row")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="run only the plain-loop contenders whose names contain one of these words",
+    )
+    parser.add_argument("--no-estimator", action="store_true", help="skip DensityEstimator")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,7 +227,11 @@ def main() -> None:
         add("Gaussian (full covariance)", gaussian_loglik(train_np, test_np).mean())
         mixture, k = mixture_loglik(train_np, test_np)
         add(f"Gaussian mixture ({k} comp.)", mixture.mean())
-        contenders = dict(CONTENDERS)
+        contenders = {
+            label: make
+            for label, make in CONTENDERS.items()
+            if args.models is None or any(word in label for word in args.models)
+        }
         for label, make in contenders.items():
             torch.manual_seed(0)
             module, log_prob, sample = make(dim, args.layers, args.hidden, device, dtype)
@@ -242,7 +253,7 @@ def main() -> None:
                 None,
                 ", plain loop, torch.compile",
             )
-        for family in ("realnvp", "glow"):
+        for family in () if args.no_estimator else ("realnvp", "glow"):
             estimator = pyroflows.DensityEstimator(
                 family,
                 layers=args.layers,
