@@ -15,9 +15,7 @@ class LocScale(Flow):
     r"""The elementwise affine map :math:`y = x \odot e^{s} + t`, log-det :math:`\sum_i s_i`.
 
     It starts at the given ``loc`` (:math:`t`) and ``scale`` (:math:`e^{s}`), by default
-    the identity. Flow guides end with one, so that the flow before it works on
-    standardised values and the guide starts as a diagonal Gaussian at the model's initial
-    point.
+    the identity. It is the diagonal scaling of ``nice`` and the parent of :class:`ActNorm`.
 
     Example:
         >>> import torch
