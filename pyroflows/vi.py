@@ -94,6 +94,7 @@ def fit_reverse_kl(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=lr / 100)
     detached = _DetachedDensity(q) if stl else None
 
+    not_finite = torch.zeros((), dtype=torch.bool, device=loc.device)
     bar = tqdm(range(steps), disable=not progress, desc="reverse KL", unit="step")
     for step in bar:
         z, log_q = q.rsample_and_log_prob((num_particles,))
@@ -101,19 +102,17 @@ def fit_reverse_kl(
             log_q = detached.log_prob(z)
         beta = min(1.0, 0.01 + step / anneal) if anneal else 1.0
         loss = (log_q - beta * log_density(z)).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the reverse-KL loss is {loss.item()} at step {step}: log_density is not "
-                "finite at some draws (map constrained variables to the real line first) "
-                "or the optimisation diverged (lower lr)"
-            )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
         optimiser.step()
         schedule.step()
-        if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        # Checked every 50 steps, so that a GPU does not synchronise on every step.
+        not_finite |= ~torch.isfinite(loss.detach())
+        if step % 50 == 49 or step == steps - 1:
+            _check_finite(not_finite, step)
+            if progress:
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     bar.close()
     transform.eval()
     return q
@@ -145,6 +144,15 @@ def posterior_flow(flow: str, loc: Tensor, scale: float, **options: Any) -> Flow
         linear.bias.copy_(loc)
     skip_data_init(stack)
     return stack
+
+
+def _check_finite(not_finite: Tensor, step: int) -> None:
+    if bool(not_finite):
+        raise FloatingPointError(
+            f"the reverse-KL loss was not finite by step {step}: log_density is not finite "
+            "at some draws (map constrained variables to the real line first) or the "
+            "optimisation diverged (lower lr)"
+        )
 
 
 def _initial_point(
