@@ -22,30 +22,19 @@ def correlated_gaussian(device):
     )
 
 
+def fit(target, device, flow, **options):
+    """fit_reverse_kl in float64 on the test device, without a progress bar."""
+    return pyroflows.fit_reverse_kl(
+        target.log_prob, 2, flow, device=device, dtype=torch.float64, progress=False, **options
+    )
+
+
 @pytest.mark.parametrize("name", FLOWS)
 def test_every_family_lowers_the_kl_to_a_known_gaussian(name, device):
     target = correlated_gaussian(device)
     log_z = 0.0  # target.log_prob is normalised
-    start = pyroflows.fit_reverse_kl(
-        target.log_prob,
-        2,
-        name,
-        steps=1,
-        lr=1e-9,
-        device=device,
-        dtype=torch.float64,
-        progress=False,
-    )
-    fitted = pyroflows.fit_reverse_kl(
-        target.log_prob,
-        2,
-        name,
-        steps=300,
-        lr=0.02,
-        device=device,
-        dtype=torch.float64,
-        progress=False,
-    )
+    start = fit(target, device, name, steps=1, lr=1e-9)
+    fitted = fit(target, device, name, steps=300, lr=0.02)
     kl_start = reverse_kl(start, target.log_prob, log_z, 20_000)
     kl_end = reverse_kl(fitted, target.log_prob, log_z, 20_000)
     assert kl_end < 0.5 * kl_start
@@ -54,16 +43,7 @@ def test_every_family_lowers_the_kl_to_a_known_gaussian(name, device):
 
 def test_realnvp_fits_a_correlated_gaussian_closely(device):
     target = correlated_gaussian(device)
-    q = pyroflows.fit_reverse_kl(
-        target.log_prob,
-        2,
-        "realnvp",
-        steps=800,
-        lr=0.01,
-        device=device,
-        dtype=torch.float64,
-        progress=False,
-    )
+    q = fit(target, device, "realnvp", steps=800, lr=0.01)
     assert reverse_kl(q, target.log_prob, 0.0, 50_000) < 0.02
     samples = q.sample((50_000,))
     torch.testing.assert_close(samples.mean(0), target.mean, atol=0.03, rtol=0)
@@ -73,17 +53,7 @@ def test_realnvp_fits_a_correlated_gaussian_closely(device):
 @pytest.mark.parametrize("stl", [False, True], ids=["elbo", "stl"])
 def test_stl_and_plain_gradients_both_fit(stl, device):
     target = correlated_gaussian(device)
-    q = pyroflows.fit_reverse_kl(
-        target.log_prob,
-        2,
-        "planar",
-        steps=600,
-        lr=0.02,
-        stl=stl,
-        device=device,
-        dtype=torch.float64,
-        progress=False,
-    )
+    q = fit(target, device, "planar", steps=600, lr=0.02, stl=stl)
     assert reverse_kl(q, target.log_prob, 0.0, 50_000) < 0.05
 
 
@@ -107,33 +77,14 @@ def test_stl_gradient_vanishes_at_the_optimum_where_the_plain_one_does_not(name,
 
 def test_annealing_runs_and_fits(device):
     target = correlated_gaussian(device)
-    q = pyroflows.fit_reverse_kl(
-        target.log_prob,
-        2,
-        "realnvp",
-        steps=500,
-        anneal=200,
-        lr=0.01,
-        device=device,
-        dtype=torch.float64,
-        progress=False,
-    )
+    q = fit(target, device, "realnvp", steps=500, anneal=200, lr=0.01)
     assert reverse_kl(q, target.log_prob, 0.0, 20_000) < 0.1
 
 
 def test_init_loc_sets_device_dtype_and_start(device):
     loc = torch.tensor([5.0, -5.0], device=device, dtype=torch.float64)
     target = dist.Normal(loc, 1.0).to_event(1)
-    q = pyroflows.fit_reverse_kl(
-        target.log_prob,
-        2,
-        "planar",
-        steps=1,
-        lr=1e-9,
-        init_loc=loc,
-        init_scale=0.5,
-        progress=False,
-    )
+    q = fit(target, device, "planar", steps=1, lr=1e-9, init_loc=loc, init_scale=0.5)
     samples = q.sample((20_000,))
     assert samples.dtype == torch.float64 and samples.device.type == device.type
     torch.testing.assert_close(samples.mean(0), loc, atol=0.02, rtol=0)
