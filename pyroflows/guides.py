@@ -22,7 +22,7 @@ from torch.distributions import constraints, transform_to
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
 from pyroflows.registry import check_options
-from pyroflows.transforms import FlowStack
+from pyroflows.transforms import Flow, Packed
 from pyroflows.vi import posterior_flow
 
 
@@ -105,8 +105,8 @@ class AutoFlow(AutoContinuous):
                         "sites with an amortised guide."
                     )
         init = self._init_loc()
-        self.transform = posterior_flow(
-            self._flow_name, init, self._init_scale, **self._flow_options
+        self.transform = Packed(
+            posterior_flow(self._flow_name, init, self._init_scale, **self._flow_options)
         )
         self.register_buffer("_base_loc", torch.zeros_like(init))  # follows .to(device)
         self._dependent = _sites_with_dependent_support(self.model, self.prototype_trace)
@@ -134,7 +134,7 @@ class AutoFlow(AutoContinuous):
     def get_base_dist(self) -> dist.Distribution:
         return dist.Normal(self._base_loc, torch.ones_like(self._base_loc)).to_event(1)
 
-    def get_transform(self, *args: Any, **kwargs: Any) -> FlowStack:
+    def get_transform(self, *args: Any, **kwargs: Any) -> Flow:
         return self.transform
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> FlowDistribution:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
 from pyroflows.registry import build
-from pyroflows.transforms import FlowStack, LULinear
+from pyroflows.transforms import CholeskyAffine, FlowStack
 from pyroflows.transforms.actnorm import skip_data_init
 
 LogDensity = Callable[[Tensor], Tensor]
@@ -137,11 +137,11 @@ def posterior_flow(flow: str, loc: Tensor, scale: float, **options: Any) -> Flow
         tensor([1., 2.], grad_fn=<AddBackward0>)
     """
     dim = len(loc)
-    linear = LULinear(dim)
-    stack = FlowStack([build(flow, dim, **options), linear]).to(device=loc.device, dtype=loc.dtype)
+    affine = CholeskyAffine(dim)
+    stack = FlowStack([build(flow, dim, **options), affine]).to(device=loc.device, dtype=loc.dtype)
     with torch.no_grad():
-        linear.log_diag.fill_(math.log(scale))
-        linear.bias.copy_(loc)
+        affine.log_scale.fill_(math.log(scale))
+        affine.bias.copy_(loc)
     skip_data_init(stack)
     return stack
 

@@ -10,6 +10,7 @@ from pyroflows import FlowDistribution
 from pyroflows.transforms import (
     ActNorm,
     Affine,
+    CholeskyAffine,
     Coupling,
     Flow,
     FlowStack,
@@ -150,6 +151,29 @@ def test_lu_linear_matches_its_dense_matrix():
     y, ladj = layer.forward_and_log_det(x)
     torch.testing.assert_close(y, x @ weight.T + layer.bias)
     torch.testing.assert_close(ladj, torch.linalg.slogdet(weight)[1].expand(3))
+
+
+def test_cholesky_affine_is_a_gaussian_cholesky_factor(device):
+    """y = L x + b with L lower-triangular with a positive diagonal: log-det, inverse, and
+    the pushforward of N(0, I) is N(b, L L^T)."""
+    torch.manual_seed(0)
+    layer = CholeskyAffine(4).to(device=device, dtype=torch.float64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    tril = layer.scale_tril()
+    assert torch.equal(tril, tril.tril()) and bool((tril.diagonal() > 0).all())
+    x = torch.randn(3, 4, device=device, dtype=torch.float64)
+    y, ladj = layer.forward_and_log_det(x)
+    torch.testing.assert_close(y, x @ tril.T + layer.bias)
+    torch.testing.assert_close(ladj, tril.diagonal().log().sum().expand(3))
+    x_back, ladj_inv = layer.inverse_and_log_det(y)
+    torch.testing.assert_close(x_back, x)
+    torch.testing.assert_close(ladj_inv, -ladj)
+    zeros = torch.zeros(4, device=device, dtype=torch.float64)
+    q = FlowDistribution(dist.Normal(zeros, 1.0).to_event(1), layer)
+    exact = dist.MultivariateNormal(layer.bias, scale_tril=tril)
+    torch.testing.assert_close(q.log_prob(y), exact.log_prob(y))
 
 
 def test_affine_clamp_bounds_the_log_scale():

@@ -8,7 +8,8 @@ from pyroflows.transforms.base import Flow, FlowStack, Method, NotInvertibleErro
 from pyroflows.transforms.coupling import Coupling, coupling_masks
 from pyroflows.transforms.elementwise import Affine, Elementwise, Shift
 from pyroflows.transforms.glow import glow
-from pyroflows.transforms.linear import LULinear
+from pyroflows.transforms.linear import CholeskyAffine, LULinear
+from pyroflows.transforms.packed import Packed
 from pyroflows.transforms.planar import Planar
 from pyroflows.transforms.radial import Radial
 
@@ -19,10 +20,12 @@ __all__ = [
     "Elementwise",
     "Flow",
     "FlowStack",
+    "CholeskyAffine",
     "LULinear",
     "LocScale",
     "Method",
     "NotInvertibleError",
+    "Packed",
     "Planar",
     "Radial",
     "Shift",
