@@ -33,18 +33,22 @@ class AutoFlow(AutoContinuous):
     site to the real line (:func:`~torch.distributions.constraints` bijections) and
     concatenates them into one vector :math:`z \in \mathbb{R}^D`. Its posterior is
 
-    .. math:: z = \mu + W f(\epsilon), \qquad \epsilon \sim \mathcal{N}(0, I_D),
+    .. math:: z = \mu + L f(\epsilon), \qquad \epsilon \sim \mathcal{N}(0, I_D),
 
     where :math:`f` is a stack of the registered flow family ``flow`` built with
-    ``**options`` (e.g. ``layers``, ``hidden``), :math:`W` an invertible linear map in LU
-    form, and :math:`\mu, W` start at the model's initial point (``init_loc_fn``, by
-    default the prior median, or a feasible point where the prior cannot be sampled, e.g.
-    an improper flat prior) and at ``init_scale`` times the identity (see
-    :func:`~pyroflows.vi.posterior_flow`). Every family starts at the identity, so at step
-    0 the guide is the mean-field Gaussian of :class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
-    and with the flow at the identity it spans every Gaussian, so it contains
-    :class:`~pyro.infer.autoguide.AutoMultivariateNormal`; the flow acts on standardised
-    values. The linear map has :math:`D^2` parameters.
+    ``**options`` (e.g. ``layers``, ``hidden``), :math:`L` a lower-triangular factor with a
+    positive diagonal, and :math:`\mu, L` start at the model's initial point
+    (``init_loc_fn``, by default the prior median, or a feasible point where the prior
+    cannot be sampled, e.g. an improper flat prior) and at ``init_scale`` times the
+    identity (see :func:`~pyroflows.vi.posterior_flow`). Every family starts at the
+    identity, so at step 0 the guide is the mean-field Gaussian of
+    :class:`~pyro.infer.autoguide.AutoDiagonalNormal`, and with the flow at the identity it
+    is any Gaussian, parametrised as in
+    :class:`~pyro.infer.autoguide.AutoMultivariateNormal` (:math:`L = DL_1`, a positive
+    diagonal times a unit lower-triangular factor), so it contains that guide; the flow
+    acts on standardised values. All parameters are packed into one tensor
+    (:class:`~pyroflows.transforms.Packed`), so a Pyro optimiser makes one step per SVI
+    step rather than one per layer weight.
 
     Sampling and scoring a draw cost one forward pass of the flow, for planar and radial
     flows too (see :class:`~pyroflows.FlowDistribution`). Actnorm layers skip their

@@ -121,14 +121,15 @@ def fit_reverse_kl(
 def posterior_flow(flow: str, loc: Tensor, scale: float, **options: Any) -> FlowStack:
     r"""The flow of a variational posterior: family ``flow``, then an affine map.
 
-    Draws are :math:`z = W f(\epsilon) + b`, :math:`\epsilon \sim \mathcal{N}(0, I)`, with
+    Draws are :math:`z = L f(\epsilon) + b`, :math:`\epsilon \sim \mathcal{N}(0, I)`, with
     :math:`f` the family's stack (built with ``**options``, in standardised coordinates)
-    and :math:`W = LU` an invertible linear map in LU form
-    (:class:`~pyroflows.transforms.LULinear`) that starts at :math:`\mathrm{diag}(scale)`
-    with :math:`b` at ``loc``. Every family starts at the identity, so the posterior starts
-    as :math:`\mathcal{N}(loc, scale^2 I)`; with the flow at the identity it is any
-    Gaussian (:math:`W` holds every lower-triangular Cholesky factor), so it contains the
-    full-covariance Gaussian guide. Actnorm layers skip their data-dependent start.
+    and :math:`L` a Cholesky factor (:class:`~pyroflows.transforms.CholeskyAffine`) that
+    starts at :math:`\mathrm{diag}(scale)` with :math:`b` at ``loc``. Every family starts
+    at the identity, so the posterior starts as :math:`\mathcal{N}(loc, scale^2 I)`; with
+    the flow at the identity it is any Gaussian, so it contains the full-covariance
+    Gaussian guide. :math:`L`'s rows are scale-free (a row's scale times a unit row), so
+    a posterior whose scales differ by orders of magnitude is fitted as readily as by
+    Pyro's ``AutoMultivariateNormal``. Actnorm layers skip their data-dependent start.
 
     Example:
         >>> import torch

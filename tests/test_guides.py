@@ -64,6 +64,7 @@ def test_every_registered_family_is_a_guide_family(name, device):
     assert sample["noise"] > 0 and 0 < sample["weight"] < 1
     assert all(v.device.type == device.type for v in sample.values())
     assert all(p.dtype == torch.float64 for p in guide.parameters())
+    assert len(pyro.get_param_store()) == 1  # packed: Pyro's optimiser steps one tensor
 
 
 @pytest.mark.parametrize("name", FLOWS)
