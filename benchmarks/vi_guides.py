@@ -149,9 +149,13 @@ def compare(samples: dict[str, np.ndarray], reference: dict[str, np.ndarray]) ->
 
 
 def posteriors(args) -> pd.DataFrame:
+    settled = {"warmup": args.warmup, "stl": True}  # see AutoFlow's docstring
     guides: dict[str, GuideMaker] = {
         "pyroflows realnvp": partial(pyroflows.AutoFlow, flow="realnvp"),
-        "pyroflows planar K=8": partial(pyroflows.AutoFlow, flow="planar", layers=8),
+        "pyroflows realnvp, warmup+stl": partial(pyroflows.AutoFlow, flow="realnvp", **settled),
+        "pyroflows planar K=8, warmup+stl": partial(
+            pyroflows.AutoFlow, flow="planar", layers=8, **settled
+        ),
         "pyro planar K=8": partial(pyro_planar, k=8),
         "pyro AutoIAFNormal": AutoIAFNormal,
         "pyro AutoMultivariateNormal": AutoMultivariateNormal,
@@ -191,6 +195,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--posteriors", nargs="+", default=POSTERIORS)
     parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument(
+        "--warmup", type=int, default=1000, help="AutoFlow warm-up steps in the posteriors part"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--float64",

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 from pyro.distributions import TorchDistribution
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
 from pyroflows.transforms.base import Flow
@@ -33,6 +33,14 @@ class FlowDistribution(TorchDistribution):
     The remembered log-density is a function of the base draw, not of the tensor passed in:
     differentiate it with respect to parameters, not with respect to the value.
 
+    With ``stl=True`` the log-density of a draw is computed with the flow's parameters held
+    fixed (one extra inverse pass), so that its gradient reaches the parameters only
+    through the draw: the path-derivative ("sticking the landing") estimator of Roeder et
+    al. (2017). Its value is unchanged; the score term it drops has expectation zero, and
+    what remains of the reverse-KL gradient is exactly zero for every draw when the flow
+    equals the target. (It is unbiased for the ELBO, not for importance-weighted bounds
+    such as Renyi's.) The base distribution is then taken to have no learnable parameters.
+
     Example:
         >>> import torch, pyro.distributions as dist, pyroflows
         >>> base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
@@ -46,7 +54,12 @@ class FlowDistribution(TorchDistribution):
     support = constraints.real_vector
 
     def __init__(
-        self, base: Distribution, transform: Flow, validate_args: bool | None = None
+        self,
+        base: Distribution,
+        transform: Flow,
+        validate_args: bool | None = None,
+        *,
+        stl: bool = False,
     ) -> None:
         if not isinstance(base, Distribution):
             raise TypeError(f"base must be a torch Distribution, got {type(base).__name__}")
@@ -62,6 +75,7 @@ class FlowDistribution(TorchDistribution):
             )
         self.base = base
         self.transform = transform
+        self.stl = stl
         super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
 
     @property
@@ -70,7 +84,10 @@ class FlowDistribution(TorchDistribution):
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> FlowDistribution:
         return FlowDistribution(
-            self.base.expand(batch_shape), self.transform, validate_args=self._validate_args
+            self.base.expand(batch_shape),
+            self.transform,
+            validate_args=self._validate_args,
+            stl=self.stl,
         )
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
@@ -86,7 +103,7 @@ class FlowDistribution(TorchDistribution):
         """Draw reparametrised samples and their log-density with one forward pass."""
         x = self.base.rsample(sample_shape)
         y, ladj = self.transform.forward_and_log_det(x)
-        log_q = self.base.log_prob(x) - ladj
+        log_q = _FixedParameters(self).log_prob(y) if self.stl else self.base.log_prob(x) - ladj
         self._last_draw = (y, log_q, self._versions())
         return y, log_q
 
@@ -102,3 +119,20 @@ class FlowDistribution(TorchDistribution):
     def _versions(self) -> tuple[int, ...]:
         tensors = [*self.transform.parameters(), *self.transform.buffers()]
         return tuple(t._version for t in tensors)
+
+
+class _FixedParameters(nn.Module):
+    """``y -> log q(y)`` by one inverse pass, with the flow's parameters detached."""
+
+    def __init__(self, q: FlowDistribution) -> None:
+        super().__init__()
+        self.transform = q.transform
+        self.base = q.base
+
+    def forward(self, y: Tensor) -> Tensor:
+        x, ladj = self.transform.inverse_and_log_det(y)
+        return self.base.log_prob(x) + ladj
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        fixed = {name: p.detach() for name, p in self.named_parameters()}
+        return torch.func.functional_call(self, fixed, (y,))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from pyroflows._checks import check_positive_float, check_positive_int
@@ -88,18 +88,16 @@ def fit_reverse_kl(
 
     transform = posterior_flow(flow, loc, init_scale, **options)
     zeros = torch.zeros_like(loc)
-    q = FlowDistribution(dist.Normal(zeros, torch.ones_like(zeros)).to_event(1), transform)
+    base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+    q = FlowDistribution(base, transform, stl=stl)
     params = list(transform.parameters())
     optimiser = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=lr / 100)
-    detached = _DetachedDensity(q) if stl else None
 
     not_finite = torch.zeros((), dtype=torch.bool, device=loc.device)
     bar = tqdm(range(steps), disable=not progress, desc="reverse KL", unit="step")
     for step in bar:
         z, log_q = q.rsample_and_log_prob((num_particles,))
-        if detached is not None:
-            log_q = detached.log_prob(z)
         beta = min(1.0, 0.01 + step / anneal) if anneal else 1.0
         loss = (log_q - beta * log_density(z)).mean()
         optimiser.zero_grad(set_to_none=True)
@@ -115,7 +113,7 @@ def fit_reverse_kl(
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     bar.close()
     transform.eval()
-    return q
+    return FlowDistribution(base, transform)
 
 
 def posterior_flow(flow: str, loc: Tensor, scale: float, **options: Any) -> FlowStack:
@@ -183,24 +181,3 @@ def _check_log_density(log_density: LogDensity, loc: Tensor) -> None:
             f"log_density is {value[0].item()} at the initial point {loc.tolist()}; "
             "it must be finite there (choose init_loc inside the support)"
         )
-
-
-class _DetachedDensity(nn.Module):
-    r"""``z -> log q(z)`` with the flow's parameters held fixed (``stop_gradient``).
-
-    Gradients reach the parameters only through ``z``: the path derivative of Roeder et
-    al. (2017). One inverse pass.
-    """
-
-    def __init__(self, q: FlowDistribution) -> None:
-        super().__init__()
-        self.transform = q.transform
-        self.base = q.base
-
-    def forward(self, z: Tensor) -> Tensor:
-        x, ladj = self.transform.inverse_and_log_det(z)
-        return self.base.log_prob(x) + ladj
-
-    def log_prob(self, z: Tensor) -> Tensor:
-        fixed = {name: p.detach() for name, p in self.named_parameters()}
-        return torch.func.functional_call(self, fixed, (z,))

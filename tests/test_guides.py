@@ -217,6 +217,41 @@ def test_predictive_median_and_quantiles_on_a_conjugate_model(device):
     assert samples["mu"].device.type == device.type
 
 
+@pytest.mark.parametrize("name", ["realnvp", "planar"])
+def test_stl_guide_gradient_vanishes_when_the_guide_is_the_posterior(name, device):
+    # Prior N(0, I), no data: the guide started at N(0, I) is the posterior. The path
+    # derivative is then zero for every draw; the plain ELBO gradient only on average.
+    def model():
+        zero = tensor(0.0, device)
+        pyro.sample("z", dist.Normal(zero, 1.0).expand([3]).to_event(1))
+
+    gradients = {}
+    for stl in (False, True):
+        guide = AutoFlow(model, name, stl=stl, init_loc_fn=init_to_feasible, init_scale=1.0)
+        loss = Trace_ELBO(num_particles=16, vectorize_particles=True).differentiable_loss
+        value = loss(model, guide)
+        (gradients[stl],) = torch.autograd.grad(value, [guide.transform.flat])
+    assert gradients[True].abs().max() < 1e-10
+    assert gradients[False].abs().max() > 1e-3
+
+
+def test_warmup_holds_the_flow_at_the_identity_while_the_gaussian_fits(device):
+    model = regression_model(device)
+    guide = AutoFlow(model, "realnvp", warmup=5)
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
+    svi.step()
+    start = guide.transform.flat.detach().clone()
+    for _ in range(4):
+        svi.step()
+    held = guide.transform.flat.detach()
+    n = guide._n_flow
+    assert torch.equal(held[:n], start[:n]) and not torch.equal(held[n:], start[n:])
+    svi.step()
+    assert not torch.equal(guide.transform.flat.detach()[:n], start[:n])
+    with pytest.raises(ValueError, match="warmup"):
+        AutoFlow(model, "realnvp", warmup=-1)
+
+
 def test_state_dict_round_trip_gives_identical_draws(device):
     model = regression_model(device)
     guide = AutoFlow(model, "realnvp")

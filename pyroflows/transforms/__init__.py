@@ -16,11 +16,11 @@ from pyroflows.transforms.radial import Radial
 __all__ = [
     "ActNorm",
     "Affine",
+    "CholeskyAffine",
     "Coupling",
     "Elementwise",
     "Flow",
     "FlowStack",
-    "CholeskyAffine",
     "LULinear",
     "LocScale",
     "Method",

@@ -21,7 +21,10 @@ class Packed(Flow):
     with dozens of small tensors spends most of an SVI step in that bookkeeping; packed,
     it is one tensor, like :class:`~pyro.infer.autoguide.AutoMultivariateNormal`'s few.
     The wrapped flow is kept out of the module tree (its parameters would otherwise count
-    twice); layers must not rely on ``training`` mode, which the wrapper passes on.
+    twice); ``train``/``eval`` are passed on to it.
+
+    Setting ``held = n`` holds the first ``n`` entries of :math:`\theta` fixed: the flow
+    reads them detached, so they get zero gradient (``0``, the default, holds none).
 
     Example:
         >>> import torch, pyroflows
@@ -46,6 +49,7 @@ class Packed(Flow):
                 del module._parameters[name]
         self.flat = nn.Parameter(torch.cat(parts) if parts else torch.zeros(0))
         self._sizes = [math.prod(shape) for _, _, shape in self._slots]
+        self.held = 0
         self._buffer_slots: list[tuple[nn.Module, str]] = []
         for module in flow.modules():
             for name, buffer in list(module.named_buffers(recurse=False)):
@@ -64,9 +68,10 @@ class Packed(Flow):
 
     def _load(self) -> Flow:
         """Point every parameter and buffer of the wrapped flow at this wrapper's tensors."""
-        for (module, name, shape), view in zip(
-            self._slots, self.flat.split(self._sizes), strict=True
-        ):
+        flat = self.flat
+        if self.held:
+            flat = torch.cat([flat[: self.held].detach(), flat[self.held :]])
+        for (module, name, shape), view in zip(self._slots, flat.split(self._sizes), strict=True):
             module.__dict__[name] = view.view(shape)
         for index, (module, name) in enumerate(self._buffer_slots):
             module._buffers[name] = getattr(self, f"_buffer{index}")
