@@ -23,6 +23,7 @@ from pyroflows.tabular import (
     infer_schema,
 )
 from pyroflows.training import fit_max_likelihood
+from pyroflows.transforms import Flow
 
 FORMAT = "pyroflows.DensityEstimator/1"
 
@@ -57,8 +58,8 @@ class DensityEstimator:
     ``compile=True`` compiles the training step with :func:`torch.compile` (tens of seconds
     once, then faster steps; worth it for long fits).
 
-    Families whose inverse is not analytic (``planar``: numerical) are refused: scoring data
-    needs the inverse on every step.
+    Families whose inverse is not one analytic pass (``planar``: numerical; ``iaf``: ``dim``
+    sequential passes) are refused: scoring data needs the inverse on every step.
 
     References:
         Masked Autoregressive Flow for Density Estimation (Papamakarios, Pavlakou &
@@ -136,12 +137,13 @@ class DensityEstimator:
         valid, train = rows[order[:n_valid]], rows[order[n_valid:]]
 
         flow = build(self.flow, len(self.schema.columns), **self.options)
-        if flow.inverse_method != "analytic":
-            works = [n for n in list_flows() if build(n, 2).inverse_method == "analytic"]
+        if not _scores_in_one_pass(flow):
+            works = [n for n in list_flows() if _scores_in_one_pass(build(n, 2))]
+            kind = flow.inverse_method if flow.inverse_method != "analytic" else "sequential"
             raise ValueError(
-                f"flow family {self.flow!r} has a {flow.inverse_method} inverse; a density "
-                f"estimator scores data with the inverse on every step, so it needs an "
-                f"analytic one: {', '.join(works)}"
+                f"flow family {self.flow!r} has a {kind} inverse; a density estimator "
+                f"scores data with the inverse on every step, so it needs an analytic "
+                f"one-pass inverse: {', '.join(works)}"
             )
         self.model = _assemble(self.schema.columns, flow, device, dtype)
         self.model.eval()  # dequantise at the midpoint to fit the whitening Gaussian
@@ -371,3 +373,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _scores_in_one_pass(flow: Flow) -> bool:
+    return flow.inverse_method == "analytic" and flow.fast_inverse

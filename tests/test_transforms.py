@@ -10,6 +10,7 @@ from pyroflows import FlowDistribution
 from pyroflows.transforms import (
     ActNorm,
     Affine,
+    Autoregressive,
     CholeskyAffine,
     Coupling,
     Flow,
@@ -257,3 +258,19 @@ def test_a_stack_reports_its_least_exact_layer():
 def test_flow_stack_refuses_bad_layers(layers, error, message):
     with pytest.raises(error, match=message):
         FlowStack(layers)
+
+
+@pytest.mark.parametrize("conditioner", ["data", "base"])
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [2, 0, 3, 1]])
+def test_autoregressive_jacobian_is_triangular_in_the_declared_order(conditioner, order, device):
+    torch.manual_seed(0)
+    layer = Autoregressive(4, Affine(), conditioner=conditioner, order=torch.tensor(order))
+    layer = layer.to(device=device, dtype=torch.float64)
+    with torch.no_grad():
+        layer.net.gain.normal_()
+    x = torch.randn(4, device=device, dtype=torch.float64)
+    for primitive in (layer.forward_and_log_det, layer.inverse_and_log_det):
+        jac = torch.autograd.functional.jacobian(lambda v: primitive(v)[0], x)
+        permuted = jac[order][:, order]  # rows and columns in the declared order
+        assert torch.equal(permuted.triu(1), torch.zeros_like(permuted))
+        assert bool((permuted.tril(-1) != 0).any())  # and not merely diagonal

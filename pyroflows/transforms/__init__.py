@@ -4,6 +4,7 @@ Importing this package registers every built-in family.
 """
 
 from pyroflows.transforms.actnorm import ActNorm, LocScale
+from pyroflows.transforms.autoregressive import Autoregressive, iaf, maf
 from pyroflows.transforms.base import Flow, FlowStack, Method, NotInvertibleError
 from pyroflows.transforms.coupling import Coupling, coupling_masks
 from pyroflows.transforms.elementwise import Affine, Elementwise, Shift
@@ -16,6 +17,7 @@ from pyroflows.transforms.radial import Radial
 __all__ = [
     "ActNorm",
     "Affine",
+    "Autoregressive",
     "CholeskyAffine",
     "Coupling",
     "Elementwise",
@@ -31,4 +33,6 @@ __all__ = [
     "Shift",
     "coupling_masks",
     "glow",
+    "iaf",
+    "maf",
 ]

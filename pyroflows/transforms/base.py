@@ -58,6 +58,8 @@ class Flow(TransformModule):
     bijective = True
     forward_method: Method = "analytic"
     inverse_method: Method = "analytic"
+    #: whether the inverse (density) direction is one pass, not ``dim`` sequential ones
+    fast_inverse: bool = True
 
     def __init__(self, dim: int) -> None:
         super().__init__(cache_size=0)
@@ -126,6 +128,10 @@ class FlowStack(Flow):
     @property
     def inverse_method(self) -> Method:  # type: ignore[override]
         return max((layer.inverse_method for layer in self.layers), key=_RANK.__getitem__)
+
+    @property
+    def fast_inverse(self) -> bool:  # type: ignore[override]
+        return all(layer.fast_inverse for layer in self.layers)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         total = x.new_zeros(x.shape[:-1])

@@ -66,6 +66,10 @@ class Packed(Flow):
     def inverse_method(self) -> Method:  # type: ignore[override]
         return self._flow[0].inverse_method
 
+    @property
+    def fast_inverse(self) -> bool:  # type: ignore[override]
+        return self._flow[0].fast_inverse
+
     def _load(self) -> Flow:
         """Point every parameter and buffer of the wrapped flow at this wrapper's tensors."""
         flat = self.flat
