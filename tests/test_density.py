@@ -14,7 +14,9 @@ from pyroflows import DensityEstimator, build, list_flows
 
 FAST = {"epochs": 15, "progress": False, "seed": 0}
 ONE_PASS = [
-    n for n in list_flows() if build(n, 2).inverse_method == "analytic" and build(n, 2).fast_inverse
+    n
+    for n in list_flows()
+    if build(n, 2).inverse_method == "analytic" and build(n, 2).fast_inverse
 ]
 NOT_ONE_PASS = [n for n in list_flows() if n not in ONE_PASS]
 

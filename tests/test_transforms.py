@@ -270,7 +270,7 @@ def test_autoregressive_jacobian_is_triangular_in_the_declared_order(conditioner
         layer.net.gain.normal_()
     x = torch.randn(4, device=device, dtype=torch.float64)
     for primitive in (layer.forward_and_log_det, layer.inverse_and_log_det):
-        jac = torch.autograd.functional.jacobian(lambda v: primitive(v)[0], x)
+        jac = torch.autograd.functional.jacobian(lambda v, f=primitive: f(v)[0], x)
         permuted = jac[order][:, order]  # rows and columns in the declared order
         assert torch.equal(permuted.triu(1), torch.zeros_like(permuted))
         assert bool((permuted.tril(-1) != 0).any())  # and not merely diagonal

@@ -13,6 +13,7 @@ from pyroflows.transforms.linear import CholeskyAffine, LULinear
 from pyroflows.transforms.packed import Packed
 from pyroflows.transforms.planar import Planar
 from pyroflows.transforms.radial import Radial
+from pyroflows.transforms.spline import RationalQuadratic, nsf, nsf_ar
 
 __all__ = [
     "ActNorm",
@@ -30,9 +31,12 @@ __all__ = [
     "Packed",
     "Planar",
     "Radial",
+    "RationalQuadratic",
     "Shift",
     "coupling_masks",
     "glow",
     "iaf",
     "maf",
+    "nsf",
+    "nsf_ar",
 ]

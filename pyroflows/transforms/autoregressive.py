@@ -91,7 +91,7 @@ class Autoregressive(Flow):
         return x, ladj.sum(-1)
 
 
-def _orders(dim: int, layers: int, kind: str) -> list[Tensor]:
+def layer_orders(dim: int, layers: int, kind: str) -> list[Tensor]:
     """Orders of ``layers`` layers: reversed from one layer to the next, or random."""
     check_choice("order", kind, ORDERS)
     if kind == "random":
@@ -119,7 +119,7 @@ def _stack(
             hidden=hidden,
             activation=activation,
         )
-        for o in _orders(dim, layers, order)
+        for o in layer_orders(dim, layers, order)
     )
 
 
