@@ -4,10 +4,13 @@ One run, one machine, same data. Every flow below has ``--layers`` layers with t
 layers of ``--hidden`` units, and the plain-loop contenders all train for ``--steps`` steps
 of fused Adam (``--lr``) on batches of ``--batch`` rows of standardised data:
 
-- pyroflows ``realnvp`` and ``glow`` (plain loop, and ``realnvp`` also compiled with
+- pyroflows ``realnvp``, ``glow``, ``maf``, ``nsf`` (spline coupling) and ``nsf_ar``
+  (autoregressive spline) (plain loop, and ``realnvp`` also compiled with
   ``torch.compile``);
-- Pyro: ``affine_coupling`` and ``spline_coupling`` stacks (with reversing permutations);
-- zuko: ``RealNVP``, ``NSF``, ``MAF``.
+- Pyro: ``affine_coupling`` and ``spline_coupling`` stacks (with reversing permutations),
+  and an ``affine_autoregressive`` stack used in its inverse direction, so that its density
+  pass is one network call as in a MAF;
+- zuko: ``RealNVP``, ``NSF`` (autoregressive splines), ``MAF``.
 
 Then ``pyroflows.DensityEstimator`` (as a user runs it: preprocessing, whitening start,
 early stopping on a validation split taken from the training rows), and two baselines: a
@@ -107,12 +110,17 @@ def pyro_stack(kind):
         for i in range(layers):
             if kind == "affine":
                 parts.append(T.affine_coupling(dim, hidden_dims=[hidden, hidden]))
-            else:
+            elif kind == "spline":
                 parts.append(T.spline_coupling(dim, hidden_dims=[hidden, hidden], count_bins=8))
-            if i < layers - 1:
+            else:  # autoregressive: each layer draws its own random order
+                parts.append(T.affine_autoregressive(dim, hidden_dims=[hidden, hidden]))
+            if i < layers - 1 and kind != "autoregressive":
                 parts.append(T.Permute(reverse))
         stack = T.ComposeTransformModule(parts).to(device, dtype)
-        q = dist.TransformedDistribution(normal(dim, device, dtype), [stack])
+        # Pyro's autoregressive layers are IAFs (one-pass forward); used inverted, the
+        # density pass is their forward pass.
+        transform = stack.inv if kind == "autoregressive" else stack
+        q = dist.TransformedDistribution(normal(dim, device, dtype), [transform])
         return stack, q.log_prob, lambda n: q.sample((n,))
 
     return make
@@ -129,8 +137,12 @@ def zuko_flow(cls):
 CONTENDERS = {
     "pyroflows realnvp": ours("realnvp"),
     "pyroflows glow": ours("glow"),
+    "pyroflows maf": ours("maf"),
+    "pyroflows nsf": ours("nsf"),
+    "pyroflows nsf_ar": ours("nsf_ar"),
     "pyro affine_coupling": pyro_stack("affine"),
     "pyro spline_coupling": pyro_stack("spline"),
+    "pyro affine_autoregressive (inverted)": pyro_stack("autoregressive"),
     "zuko RealNVP": zuko_flow(zuko.flows.RealNVP),
     "zuko NSF": zuko_flow(zuko.flows.NSF),
     "zuko MAF": zuko_flow(zuko.flows.MAF),
@@ -199,6 +211,12 @@ def main() -> None:
         help="run only the plain-loop contenders whose names contain one of these words",
     )
     parser.add_argument("--no-estimator", action="store_true", help="skip DensityEstimator")
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        default=["realnvp", "glow", "maf", "nsf"],
+        help="families fitted by DensityEstimator",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,7 +271,7 @@ def main() -> None:
                 None,
                 ", plain loop, torch.compile",
             )
-        for family in () if args.no_estimator else ("realnvp", "glow"):
+        for family in () if args.no_estimator else args.estimators:
             estimator = pyroflows.DensityEstimator(
                 family,
                 layers=args.layers,

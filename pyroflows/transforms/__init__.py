@@ -14,6 +14,7 @@ from pyroflows.transforms.packed import Packed
 from pyroflows.transforms.planar import Planar
 from pyroflows.transforms.radial import Radial
 from pyroflows.transforms.spline import RationalQuadratic, nsf, nsf_ar
+from pyroflows.transforms.sylvester import Sylvester, sylvester
 
 __all__ = [
     "ActNorm",
@@ -33,10 +34,12 @@ __all__ = [
     "Radial",
     "RationalQuadratic",
     "Shift",
+    "Sylvester",
     "coupling_masks",
     "glow",
     "iaf",
     "maf",
     "nsf",
     "nsf_ar",
+    "sylvester",
 ]
