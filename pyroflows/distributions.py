@@ -9,7 +9,7 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
-from pyroflows.transforms.base import Flow
+from pyroflows.transforms.base import Conditioned, Flow
 
 
 class FlowDistribution(TorchDistribution):
@@ -23,6 +23,10 @@ class FlowDistribution(TorchDistribution):
     :meth:`rsample_and_log_prob` one forward pass for both the samples and their density,
     which is what reverse-KL training needs. The base distribution must have event shape
     ``(dim,)`` and live on the flow's device.
+
+    For a conditional flow with its context fixed, ``flow.condition(c)``, this is
+    :math:`q(y \mid c)`, with the batch shape of ``c`` (a batch of contexts gives a batch
+    of conditional distributions).
 
     Inside Pyro, a guide site draws with :meth:`rsample` and the ELBO then asks for
     :meth:`log_prob` of that very draw. So that this too costs one forward pass, the last
@@ -73,6 +77,9 @@ class FlowDistribution(TorchDistribution):
                 f"base event_shape {tuple(base.event_shape)} does not match the flow's "
                 f"dim {transform.dim}; use e.g. Normal(...).to_event(1)"
             )
+        if isinstance(transform, Conditioned):  # one distribution per context row
+            context_batch = transform.context.shape[:-1]
+            base = base.expand(torch.broadcast_shapes(base.batch_shape, context_batch))
         self.base = base
         self.transform = transform
         self.stl = stl

@@ -78,7 +78,9 @@ class MaskedMLP(nn.Module):
     each hidden unit a degree in :math:`1, \dots, d - 1`, and a weight from a unit of
     degree :math:`a` to one of degree :math:`b` is kept when :math:`b \ge a` (hidden) or
     :math:`b > a` (output), so output :math:`i` sees exactly the inputs of lower degree.
-    The ``out_per_input`` outputs of input :math:`i` are ``out[..., i, :]``. As in
+    The ``out_per_input`` outputs of input :math:`i` are ``out[..., i, :]``. ``context``
+    extra inputs (passed as ``net(x, context)``) get degree 0, so every output may depend
+    on them: a conditional MADE. As in
     :class:`MLP`, a learned gain that starts at 0 scales the output, so the layer it feeds
     starts as the identity.
 
@@ -103,6 +105,7 @@ class MaskedMLP(nn.Module):
         hidden: Sequence[int] = (64, 64),
         activation: str = "relu",
         order: Tensor | None = None,
+        context: int = 0,
     ) -> None:
         super().__init__()
         hidden = check_widths("hidden", hidden)
@@ -111,11 +114,11 @@ class MaskedMLP(nn.Module):
         if sorted(order.tolist()) != list(range(features)):
             raise ValueError(f"order must be a permutation of 0..{features - 1}, got {order}")
         self.features, self.out_per_input = features, out_per_input
-        degrees = [torch.empty(features, dtype=torch.long)]
+        degrees = [torch.zeros(features + context, dtype=torch.long)]
         degrees[0][order] = torch.arange(1, features + 1)
         for width in hidden:
             degrees.append(torch.arange(width) % max(1, features - 1) + 1)
-        out_degrees = degrees[0].repeat_interleave(out_per_input)
+        out_degrees = degrees[0][:features].repeat_interleave(out_per_input)
         self.layers = nn.ModuleList()
         for i, (a, b) in enumerate(itertools.pairwise([*degrees, out_degrees])):
             layer = nn.Linear(len(a), len(b))
@@ -126,8 +129,8 @@ class MaskedMLP(nn.Module):
         self.act = act()
         self.gain = nn.Parameter(torch.zeros(features * out_per_input))
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = x
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        h = x if context is None else torch.cat([x, context], dim=-1)
         for i, layer in enumerate(self.layers):
             h = nn.functional.linear(h, layer.weight * layer.mask, layer.bias)
             if i < len(self.layers) - 1:

@@ -94,7 +94,8 @@ def build(name: str, dim: int, **options: Any):
     :class:`~pyro.distributions.TransformModule`, usable in :class:`pyroflows.FlowDistribution`,
     Pyro's :class:`~pyro.distributions.TransformedDistribution`, ``pyro.module`` and Pyro's
     ``AutoNormalizingFlow``. Unknown names and options raise a ``ValueError`` that lists the
-    valid ones.
+    valid ones. ``context=k`` builds the conditional form of a family whose parameter
+    networks can read a context vector of size ``k`` (see :meth:`pyroflows.Flow.condition`).
 
     Example:
         >>> import pyroflows
@@ -104,6 +105,12 @@ def build(name: str, dim: int, **options: Any):
     """
     from pyroflows.transforms.base import Flow
 
+    if "context" in options and "context" not in family_options(name):
+        conditional = [n for n in list_flows() if "context" in family_options(n)]
+        raise ValueError(
+            f"flow family {name!r} has no conditional form; conditional families: "
+            f"{', '.join(conditional)}"
+        )
     check_options(name, options)
     check_positive_int("dim", dim)
     flow = _family(name)(dim, **options)

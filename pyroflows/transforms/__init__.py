@@ -5,7 +5,7 @@ Importing this package registers every built-in family.
 
 from pyroflows.transforms.actnorm import ActNorm, LocScale
 from pyroflows.transforms.autoregressive import Autoregressive, iaf, maf
-from pyroflows.transforms.base import Flow, FlowStack, Method, NotInvertibleError
+from pyroflows.transforms.base import Conditioned, Flow, FlowStack, Method, NotInvertibleError
 from pyroflows.transforms.coupling import Coupling, coupling_masks
 from pyroflows.transforms.elementwise import Affine, Elementwise, Shift
 from pyroflows.transforms.glow import glow
@@ -21,6 +21,7 @@ __all__ = [
     "Affine",
     "Autoregressive",
     "CholeskyAffine",
+    "Conditioned",
     "Coupling",
     "Elementwise",
     "Flow",

@@ -10,7 +10,7 @@ from torch import Tensor
 from pyroflows._checks import check_choice, check_positive_int
 from pyroflows.nn import MaskedMLP
 from pyroflows.registry import register_flow
-from pyroflows.transforms.base import Flow, FlowStack
+from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
 from pyroflows.transforms.elementwise import Affine, Elementwise
 
 ORDERS = ("reverse", "random")
@@ -59,35 +59,43 @@ class Autoregressive(Flow):
         order: Tensor | None = None,
         hidden: Sequence[int] = (64, 64),
         activation: str = "relu",
+        context: int = 0,
     ) -> None:
         super().__init__(dim)
         self.conditioner = check_choice("conditioner", conditioner, ["data", "base"])
         self.transformer = transformer
-        self.net = MaskedMLP(dim, transformer.n_params, hidden, activation, order)
+        self.net = MaskedMLP(dim, transformer.n_params, hidden, activation, order, context)
+        self.context_features = context
 
     @property
     def fast_inverse(self) -> bool:  # type: ignore[override]
         return self.conditioner == "data"
 
-    def _sequential(self, target: Tensor, step) -> tuple[Tensor, Tensor]:
+    def _sequential(self, target: Tensor, step, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """Solve ``out = step(target, net(out))`` by ``dim`` passes, one position at a time."""
         out = torch.zeros_like(target)
         for _ in range(self.dim):
-            out, ladj = step(target, self.net(out))
+            out, ladj = step(target, self.net(out, context))
         return out, ladj
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x, context = broadcast_context(x, context, self.context_features)
         if self.conditioner == "base":
-            y, ladj = self.transformer.forward(x, self.net(x))
+            y, ladj = self.transformer.forward(x, self.net(x, context))
         else:
-            y, ladj = self._sequential(x, self.transformer.forward)
+            y, ladj = self._sequential(x, self.transformer.forward, context)
         return y, ladj.sum(-1)
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        y, context = broadcast_context(y, context, self.context_features)
         if self.conditioner == "data":
-            x, ladj = self.transformer.inverse(y, self.net(y))
+            x, ladj = self.transformer.inverse(y, self.net(y, context))
         else:
-            x, ladj = self._sequential(y, self.transformer.inverse)
+            x, ladj = self._sequential(y, self.transformer.inverse, context)
         return x, ladj.sum(-1)
 
 
@@ -108,6 +116,7 @@ def _stack(
     activation: str,
     order: str,
     clamp: float,
+    context: int,
 ) -> FlowStack:
     check_positive_int("layers", layers)
     return FlowStack(
@@ -118,6 +127,7 @@ def _stack(
             order=o,
             hidden=hidden,
             activation=activation,
+            context=context,
         )
         for o in layer_orders(dim, layers, order)
     )
@@ -132,6 +142,7 @@ def maf(
     activation: str = "relu",
     order: str = "reverse",
     clamp: float = 3.0,
+    context: int = 0,
 ) -> FlowStack:
     """MAF: ``layers`` affine autoregressive layers whose density pass is one network call.
 
@@ -144,7 +155,7 @@ def maf(
         >>> len(pyroflows.build("maf", 5, layers=3))
         3
     """
-    return _stack("data", dim, layers, hidden, activation, order, clamp)
+    return _stack("data", dim, layers, hidden, activation, order, clamp, context)
 
 
 @register_flow("iaf")
@@ -156,6 +167,7 @@ def iaf(
     activation: str = "relu",
     order: str = "reverse",
     clamp: float = 3.0,
+    context: int = 0,
 ) -> FlowStack:
     """IAF: ``layers`` affine autoregressive layers whose sampling pass is one network call.
 
@@ -167,4 +179,4 @@ def iaf(
         >>> len(pyroflows.build("iaf", 5, layers=3))
         3
     """
-    return _stack("base", dim, layers, hidden, activation, order, clamp)
+    return _stack("base", dim, layers, hidden, activation, order, clamp, context)

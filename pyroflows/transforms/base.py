@@ -13,6 +13,11 @@ behind (Pyro's built-in flows cache the last ``(x, y)`` pair by tensor identity)
 
 Each layer states per direction how it is computed: ``"analytic"`` (closed form),
 ``"numerical"`` (root finding, exact to the solver's tolerance) or ``"unavailable"``.
+
+Conditional layers (``context_features > 0``) also take ``context=``, a tensor of shape
+``(..., context_features)`` whose batch shape broadcasts against the input's; they feed it
+to their parameter networks, so the map is :math:`f(\cdot\,; c)`. ``flow.condition(c)``
+fixes the context and returns an ordinary flow.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ class Flow(TransformModule):
     inverse_method: Method = "analytic"
     #: whether the inverse (density) direction is one pass, not ``dim`` sequential ones
     fast_inverse: bool = True
+    #: size of the context vector a conditional layer reads (0: not conditional)
+    context_features: int = 0
 
     def __init__(self, dim: int) -> None:
         super().__init__(cache_size=0)
@@ -82,6 +89,17 @@ class Flow(TransformModule):
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self.forward_and_log_det(x)[1]
+
+    def condition(self, context: Tensor) -> Conditioned:
+        """This conditional flow with its context fixed to ``context``: an ordinary flow.
+
+        Example:
+            >>> import torch, pyroflows
+            >>> flow = pyroflows.build("realnvp", 2, context=3)
+            >>> flow.condition(torch.randn(5, 3)).forward_and_log_det(torch.randn(5, 2))[0].shape
+            torch.Size([5, 2])
+        """
+        return Conditioned(self, context)
 
     def with_cache(self, cache_size: int = 1) -> Flow:
         """Return ``self``: pyroflows never caches, so every cache size behaves as 0."""
@@ -118,8 +136,12 @@ class FlowStack(Flow):
         dims = {layer.dim for layer in layers}
         if len(dims) != 1:
             raise ValueError(f"FlowStack layers must share one dim, got {sorted(dims)}")
+        contexts = {layer.context_features for layer in layers} - {0}
+        if len(contexts) > 1:
+            raise ValueError(f"FlowStack layers must share one context size, got {contexts}")
         super().__init__(dims.pop())
         self.layers = torch.nn.ModuleList(layers)
+        self.context_features = contexts.pop() if contexts else 0
 
     @property
     def forward_method(self) -> Method:  # type: ignore[override]
@@ -133,22 +155,99 @@ class FlowStack(Flow):
     def fast_inverse(self) -> bool:  # type: ignore[override]
         return all(layer.fast_inverse for layer in self.layers)
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        total = x.new_zeros(x.shape[:-1])
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        total = torch.zeros((), dtype=x.dtype, device=x.device)
         for layer in self.layers:
-            x, ladj = layer.forward_and_log_det(x)
+            if layer.context_features:
+                x, ladj = layer.forward_and_log_det(x, context=context)
+            else:
+                x, ladj = layer.forward_and_log_det(x)
             total = total + ladj
-        return x, total
+        return x, total.expand(x.shape[:-1])
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        total = y.new_zeros(y.shape[:-1])
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        total = torch.zeros((), dtype=y.dtype, device=y.device)
         for layer in reversed(self.layers):
-            y, ladj = layer.inverse_and_log_det(y)
+            if layer.context_features:
+                y, ladj = layer.inverse_and_log_det(y, context=context)
+            else:
+                y, ladj = layer.inverse_and_log_det(y)
             total = total + ladj
-        return y, total
+        return y, total.expand(y.shape[:-1])
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def __getitem__(self, index: int) -> Flow:
         return self.layers[index]
+
+
+class Conditioned(Flow):
+    """A conditional flow with its context fixed: ``flow.condition(context)``.
+
+    The context is held as given (not copied, so gradients reach whatever produced it, e.g.
+    an encoder); its batch shape broadcasts against the inputs'.
+    """
+
+    def __init__(self, flow: Flow, context: Tensor) -> None:
+        if not flow.context_features:
+            raise ValueError(
+                f"{type(flow).__name__} is not conditional; build a conditional family "
+                "with a context size, e.g. pyroflows.build('realnvp', dim, context=k)"
+            )
+        if not isinstance(context, Tensor) or context.dim() == 0:
+            raise ValueError("context must be a tensor of shape (..., context_features)")
+        if context.shape[-1] != flow.context_features:
+            raise ValueError(
+                f"context has {context.shape[-1]} features in its last dimension; "
+                f"the flow was built for {flow.context_features}"
+            )
+        super().__init__(flow.dim)
+        self.flow = flow
+        self.context = context
+
+    @property
+    def forward_method(self) -> Method:  # type: ignore[override]
+        return self.flow.forward_method
+
+    @property
+    def inverse_method(self) -> Method:  # type: ignore[override]
+        return self.flow.inverse_method
+
+    @property
+    def fast_inverse(self) -> bool:  # type: ignore[override]
+        return self.flow.fast_inverse
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow.forward_and_log_det(x, context=self.context)
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow.inverse_and_log_det(y, context=self.context)
+
+
+def broadcast_context(
+    x: Tensor, context: Tensor | None, features: int
+) -> tuple[Tensor, Tensor | None]:
+    """Broadcast ``x`` and the ``context`` of a layer reading ``features`` context entries
+    to one batch shape (``context`` is ``None`` for an unconditional layer, ``features == 0``).
+
+    Example:
+        >>> import torch
+        >>> x, context = broadcast_context(torch.zeros(4, 2), torch.ones(3, 1, 5), 5)
+        >>> x.shape, context.shape
+        (torch.Size([3, 4, 2]), torch.Size([3, 4, 5]))
+    """
+    if not features:
+        return x, None
+    if context is None:
+        raise ValueError(
+            "this layer is conditional: pass context=..., or use flow.condition(context)"
+        )
+    if context.shape[-1] != features:
+        raise ValueError(f"context has {context.shape[-1]} features; the layer reads {features}")
+    batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+    return x.expand(*batch, x.shape[-1]), context.expand(*batch, features)

@@ -11,7 +11,7 @@ from pyroflows._checks import check_choice, check_positive_int
 from pyroflows.nn import MLP
 from pyroflows.registry import register_flow
 from pyroflows.transforms.actnorm import ActNorm
-from pyroflows.transforms.base import Flow, FlowStack
+from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
 from pyroflows.transforms.elementwise import Affine, Elementwise, Shift
 
 MASKS = ("alternate", "random")
@@ -49,6 +49,7 @@ class Coupling(Flow):
         transformer: Elementwise,
         hidden: Sequence[int] = (64, 64),
         activation: str = "relu",
+        context: int = 0,
     ) -> None:
         mask = torch.as_tensor(mask, dtype=torch.bool)
         if mask.dim() != 1 or not mask.any():
@@ -61,23 +62,31 @@ class Coupling(Flow):
         self.register_buffer("trans_index", trans)
         self.register_buffer("order", torch.argsort(torch.cat([cond, trans])))
         self._n_trans = len(trans)
-        self.net = MLP(len(cond), len(trans) * transformer.n_params, hidden, activation)
+        self.context_features = context
+        n_out = len(trans) * transformer.n_params
+        self.net = MLP(len(cond) + context, n_out, hidden, activation)
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _split(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        x, context = broadcast_context(x, context, self.context_features)
         x_cond = x.index_select(-1, self.cond_index)
-        params = self.net(x_cond).unflatten(-1, (self._n_trans, -1))
+        inputs = x_cond if context is None else torch.cat([x_cond, context], dim=-1)
+        params = self.net(inputs).unflatten(-1, (self._n_trans, -1))
         return x_cond, x.index_select(-1, self.trans_index), params
 
     def _merge(self, x_cond: Tensor, x_trans: Tensor) -> Tensor:
         return torch.cat([x_cond, x_trans], dim=-1).index_select(-1, self.order)
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_cond, x_trans, params = self._split(x)
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x_cond, x_trans, params = self._split(x, context)
         y_trans, ladj = self.transformer.forward(x_trans, params)
         return self._merge(x_cond, y_trans), ladj.sum(-1)
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        y_cond, y_trans, params = self._split(y)
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        y_cond, y_trans, params = self._split(y, context)
         x_trans, ladj = self.transformer.inverse(y_trans, params)
         return self._merge(y_cond, x_trans), ladj.sum(-1)
 
@@ -114,6 +123,7 @@ def realnvp(
     activation: str = "relu",
     mask: str = "alternate",
     clamp: float = 3.0,
+    context: int = 0,
 ) -> FlowStack:
     """RealNVP: ``layers`` affine coupling layers (:class:`Affine`) on alternating partitions.
 
@@ -128,7 +138,8 @@ def realnvp(
     """
     check_positive_int("layers", layers)
     return FlowStack(
-        Coupling(m, Affine(clamp), hidden, activation) for m in coupling_masks(dim, layers, mask)
+        Coupling(m, Affine(clamp), hidden, activation, context)
+        for m in coupling_masks(dim, layers, mask)
     )
 
 
@@ -140,6 +151,7 @@ def nice(
     hidden: Sequence[int] = (64, 64),
     activation: str = "relu",
     mask: str = "alternate",
+    context: int = 0,
 ) -> FlowStack:
     """NICE: a diagonal scaling (:class:`ActNorm`) then ``layers`` additive coupling layers.
 
@@ -153,5 +165,5 @@ def nice(
     """
     check_positive_int("layers", layers)
     masks = coupling_masks(dim, layers, mask)
-    couplings = [Coupling(m, Shift(), hidden, activation) for m in masks]
+    couplings = [Coupling(m, Shift(), hidden, activation, context) for m in masks]
     return FlowStack([ActNorm(dim), *couplings])

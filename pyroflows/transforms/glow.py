@@ -21,6 +21,7 @@ def glow(
     hidden: Sequence[int] = (64, 64),
     activation: str = "relu",
     clamp: float = 3.0,
+    context: int = 0,
 ) -> FlowStack:
     """Glow: ``layers`` blocks of :class:`ActNorm`, :class:`LULinear` and an affine coupling.
 
@@ -39,5 +40,6 @@ def glow(
     check_positive_int("layers", layers)
     blocks = []
     for mask in coupling_masks(dim, layers):
-        blocks += [Coupling(mask, Affine(clamp), hidden, activation), LULinear(dim), ActNorm(dim)]
+        coupling = Coupling(mask, Affine(clamp), hidden, activation, context)
+        blocks += [coupling, LULinear(dim), ActNorm(dim)]
     return FlowStack(blocks)

@@ -81,11 +81,25 @@ class Packed(Flow):
             module._buffers[name] = getattr(self, f"_buffer{index}")
         return self._flow[0]
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._load().forward_and_log_det(x)
+    @property
+    def context_features(self) -> int:  # type: ignore[override]
+        return self._flow[0].context_features
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._load().inverse_and_log_det(y)
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        flow = self._load()
+        if flow.context_features:
+            return flow.forward_and_log_det(x, context=context)
+        return flow.forward_and_log_det(x)
+
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        flow = self._load()
+        if flow.context_features:
+            return flow.inverse_and_log_det(y, context=context)
+        return flow.inverse_and_log_det(y)
 
     def train(self, mode: bool = True) -> Packed:
         self._flow[0].train(mode)

@@ -145,6 +145,7 @@ def nsf(
     mask: str = "alternate",
     bins: int = 8,
     bound: float = 4.0,
+    context: int = 0,
 ) -> FlowStack:
     """Neural spline flow, coupling form: ``layers`` coupling layers of
     :class:`RationalQuadratic` splines with ``bins`` bins on ``[-bound, bound]``.
@@ -159,7 +160,7 @@ def nsf(
     check_positive_int("layers", layers)
     spline = RationalQuadratic(bins, bound)
     return FlowStack(
-        Coupling(m, spline, hidden, activation) for m in coupling_masks(dim, layers, mask)
+        Coupling(m, spline, hidden, activation, context) for m in coupling_masks(dim, layers, mask)
     )
 
 
@@ -173,6 +174,7 @@ def nsf_ar(
     order: str = "reverse",
     bins: int = 8,
     bound: float = 4.0,
+    context: int = 0,
 ) -> FlowStack:
     """Neural spline flow, autoregressive form: ``layers`` MAF-style layers
     (:class:`Autoregressive`, density in one pass) of :class:`RationalQuadratic` splines.
@@ -188,7 +190,13 @@ def nsf_ar(
     spline = RationalQuadratic(bins, bound)
     return FlowStack(
         Autoregressive(
-            dim, spline, conditioner="data", order=o, hidden=hidden, activation=activation
+            dim,
+            spline,
+            conditioner="data",
+            order=o,
+            hidden=hidden,
+            activation=activation,
+            context=context,
         )
         for o in layer_orders(dim, layers, order)
     )

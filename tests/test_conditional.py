@@ -1,0 +1,116 @@
+"""Conditional flows: every family with a conditional form, run with a context.
+
+Families are discovered through the registry (those whose builder takes ``context``), so a
+new conditional family is tested here with no new test code.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyroflows
+from pyroflows import FlowDistribution, build, list_flows
+from pyroflows.registry import family_options
+
+CONDITIONAL = [n for n in list_flows() if "context" in family_options(n)]
+DIM, CONTEXT = 3, 2
+
+
+def make_flow(name, device, seed=0):
+    torch.manual_seed(seed)
+    flow = build(name, DIM, context=CONTEXT).to(device=device, dtype=torch.float64)
+    data = torch.randn(64, DIM, device=device, dtype=torch.float64)
+    flow.inverse_and_log_det(data, context=torch.randn(64, CONTEXT, device=device).double())
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return flow
+
+
+def randn(*shape, device):
+    return torch.randn(*shape, device=device, dtype=torch.float64)
+
+
+@pytest.fixture(params=CONDITIONAL)
+def name(request):
+    return request.param
+
+
+def test_every_network_family_has_a_conditional_form():
+    assert set(CONDITIONAL) == {"realnvp", "nice", "glow", "maf", "iaf", "nsf", "nsf_ar"}
+
+
+def test_log_det_matches_the_autograd_jacobian_at_a_fixed_context(name, device):
+    flow = make_flow(name, device)
+    context = randn(CONTEXT, device=device)
+    conditioned = flow.condition(context)
+    for primitive in (conditioned.forward_and_log_det, conditioned.inverse_and_log_det):
+        for point in randn(3, DIM, device=device):
+            jac = torch.autograd.functional.jacobian(lambda v, f=primitive: f(v)[0], point)
+            torch.testing.assert_close(primitive(point)[1], torch.linalg.slogdet(jac)[1])
+
+
+def test_round_trip_and_the_context_is_used(name, device):
+    flow = make_flow(name, device)
+    x, c1 = randn(5, DIM, device=device), randn(5, CONTEXT, device=device)
+    c2 = c1 + 1.0
+    y, ladj = flow.forward_and_log_det(x, context=c1)
+    x_back, ladj_back = flow.inverse_and_log_det(y, context=c1)
+    torch.testing.assert_close(x_back, x)
+    torch.testing.assert_close(ladj_back, -ladj)
+    assert not torch.allclose(flow.forward_and_log_det(x, context=c2)[0], y)
+    c1.requires_grad_(True)  # amortised inference: gradients reach the context
+    (grad,) = torch.autograd.grad(flow.forward_and_log_det(x, context=c1)[0].sum(), [c1])
+    assert bool(grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize(
+    "x_shape, context_shape, out_shape",
+    [
+        ((5,), (5,), (5,)),
+        ((), (4,), (4,)),
+        ((5,), (), (5,)),
+        ((2, 1), (3,), (2, 3)),
+        ((2, 3), (1, 3), (2, 3)),
+    ],
+)
+def test_context_batch_shapes_broadcast(name, x_shape, context_shape, out_shape, device):
+    flow = make_flow(name, device)
+    x = randn(*x_shape, DIM, device=device)
+    context = randn(*context_shape, CONTEXT, device=device)
+    for primitive in (flow.forward_and_log_det, flow.inverse_and_log_det):
+        out, ladj = primitive(x, context=context)
+        assert out.shape == (*out_shape, DIM) and ladj.shape == out_shape
+    # each row of a batch equals the same row computed alone
+    y, _ = flow.forward_and_log_det(x, context=context)
+    index = (0,) * len(out_shape)
+    alone_x = x.expand(*out_shape, DIM)[index]
+    alone_c = context.expand(*out_shape, CONTEXT)[index]
+    torch.testing.assert_close(flow.forward_and_log_det(alone_x, context=alone_c)[0], y[index])
+
+
+def test_flow_distribution_of_a_conditioned_flow(name, device):
+    flow = make_flow(name, device)
+    context = randn(4, CONTEXT, device=device)
+    zeros = torch.zeros(DIM, device=device, dtype=torch.float64)
+    base = dist.Normal(zeros, 1.0).to_event(1)
+    q = FlowDistribution(base, flow.condition(context))
+    assert q.batch_shape == (4,)
+    y = q.sample((6,))
+    assert y.shape == (6, 4, DIM)
+    x, ladj = flow.inverse_and_log_det(y, context=context)
+    torch.testing.assert_close(q.log_prob(y), base.log_prob(x) + ladj)
+
+
+def test_misuse_is_refused_with_a_clear_error(device):
+    with pytest.raises(ValueError, match=r"no conditional form; conditional families: .*realnvp"):
+        build("planar", DIM, context=CONTEXT)
+    flow = build("realnvp", DIM, context=CONTEXT)
+    with pytest.raises(ValueError, match="conditional: pass context"):
+        flow.forward_and_log_det(torch.randn(2, DIM))
+    with pytest.raises(ValueError, match="context has 5 features"):
+        flow.condition(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="not conditional"):
+        pyroflows.build("realnvp", DIM).condition(torch.randn(2, CONTEXT))
