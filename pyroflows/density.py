@@ -58,6 +58,13 @@ class DensityEstimator:
     ``compile=True`` compiles the training step with :func:`torch.compile` (tens of seconds
     once, then faster steps; worth it for long fits).
 
+    Conditional densities :math:`p(y \mid c)`: ``fit(data, context=ctx)`` with one numeric
+    context row per data row (same input types) builds the family's conditional form
+    (``context=`` in :func:`~pyroflows.build`; the families with a parameter network) on
+    standardised contexts; :meth:`log_prob`, :meth:`score` and :meth:`sample` then take the
+    context of each row. The start is then the marginal Gaussian of :math:`y`, and training
+    never ends worse than it on the validation rows.
+
     Families whose inverse is not one analytic pass (``planar``: numerical; ``iaf``: ``dim``
     sequential passes) are refused: scoring data needs the inverse on every step.
 
@@ -116,12 +123,14 @@ class DensityEstimator:
         self.dtype = dtype
         self.model: TabularDensity | None = None
         self.schema: Schema | None = None
+        self.context_columns: list[str] | None = None
         self.history: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, data: pd.DataFrame | np.ndarray | Tensor) -> pd.DataFrame:
-        """Fit to the rows of ``data``; return the history (train and validation loss by epoch)."""
+    def fit(self, data: pd.DataFrame | np.ndarray | Tensor, context: Any = None) -> pd.DataFrame:
+        """Fit to the rows of ``data`` (given each row's ``context``, if any); return the
+        history (train and validation loss by epoch)."""
         frame, source, device, dtype = self._as_frame(data)
         self.schema = infer_schema(frame, source, self.support, self.auto_support)
         if source != "frame":
@@ -130,13 +139,26 @@ class DensityEstimator:
         if self.seed is not None:
             torch.manual_seed(self.seed)
         rows = self._to_tensor(frame)
+        contexts = None
+        if context is not None:
+            context_frame = self._context_frame(context, len(frame))
+            self.context_columns = [str(c) for c in context_frame.columns]
+            contexts = self._to_tensor(context_frame)
+        else:
+            self.context_columns = None
         order = torch.randperm(len(rows), device=rows.device)
         n_valid = max(1, round(self.training["validation"] * len(rows)))
         if len(rows) - n_valid < 2:
             raise ValueError(f"too few rows ({len(rows)}) for a validation split of {n_valid}")
         valid, train = rows[order[:n_valid]], rows[order[n_valid:]]
+        split = {}
+        if contexts is not None:
+            split = {
+                "train_context": contexts[order[n_valid:]],
+                "valid_context": contexts[order[:n_valid]],
+            }
 
-        flow = build(self.flow, len(self.schema.columns), **self.options)
+        flow = self._build_flow()
         if not _scores_in_one_pass(flow):
             works = [n for n in list_flows() if _scores_in_one_pass(build(n, 2))]
             kind = flow.inverse_method if flow.inverse_method != "analytic" else "sequential"
@@ -148,21 +170,33 @@ class DensityEstimator:
         self.model = _assemble(self.schema.columns, flow, device, dtype)
         self.model.eval()  # dequantise at the midpoint to fit the whitening Gaussian
         self.model.set_whitening(*gaussian_moments(self.model.to_real(train)[0]))
+        if contexts is not None:
+            scale = split["train_context"].std(0)
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            self.model.set_context_scaling(split["train_context"].mean(0), scale)
         self.history = fit_max_likelihood(
             self.model,
             train,
             valid,
             progress=self.progress,
+            **split,
             **{k: v for k, v in self.training.items() if k != "validation"},
         )
         return self.history
 
+    def _build_flow(self) -> Flow:
+        options = dict(self.options)
+        if self.context_columns is not None:
+            options["context"] = len(self.context_columns)
+        return build(self.flow, len(self.schema.columns), **options)
+
     # ------------------------------------------------------------------ scoring
 
     def log_prob(
-        self, data: pd.DataFrame | np.ndarray | Tensor
+        self, data: pd.DataFrame | np.ndarray | Tensor, context: Any = None
     ) -> pd.Series | np.ndarray | Tensor:
-        """Log-density of each row in nats, in the data's own units (``-inf`` outside support).
+        """Log-density of each row in nats, in the data's own units (``-inf`` outside support),
+        given each row's ``context`` for a conditional model.
 
         Returns a Series on the input's index for a DataFrame, an array for an array, and a
         tensor on the fitted device for a tensor.
@@ -170,26 +204,41 @@ class DensityEstimator:
         model = self._fitted()[0]
         frame = self._checked(data)
         rows = self._to_tensor(frame)
+        contexts = self._checked_context(context, len(frame))
         model.eval()
         with torch.no_grad():
-            values = torch.cat([model.log_prob(chunk) for chunk in rows.split(65536)])
+            if contexts is None:
+                values = torch.cat([model.log_prob(chunk) for chunk in rows.split(65536)])
+            else:
+                pairs = zip(rows.split(65536), contexts.split(65536), strict=True)
+                values = torch.cat([model.log_prob(chunk, c) for chunk, c in pairs])
         if isinstance(data, Tensor):
             return values
         if isinstance(data, pd.DataFrame):
             return pd.Series(values.cpu().double().numpy(), index=data.index, name="log_prob")
         return values.cpu().double().numpy()
 
-    def score(self, data: pd.DataFrame | np.ndarray | Tensor) -> float:
-        """Mean log-density of the rows of ``data``, in nats per row."""
-        values = self.log_prob(data)
+    def score(self, data: pd.DataFrame | np.ndarray | Tensor, context: Any = None) -> float:
+        """Mean log-density of the rows of ``data`` (given ``context``), in nats per row."""
+        values = self.log_prob(data, context)
         return float(values.mean()) if not isinstance(values, Tensor) else values.mean().item()
 
-    def sample(self, n: int) -> pd.DataFrame | np.ndarray | Tensor:
-        """``n`` new rows, in the type (and columns, dtypes, device) of the fitted data."""
+    def sample(self, n: int, context: Any = None) -> pd.DataFrame | np.ndarray | Tensor:
+        """``n`` new rows, in the type (and columns, dtypes, device) of the fitted data.
+
+        A conditional model takes ``context``: ``n`` rows (row ``i`` drawn given context row
+        ``i``) or one row (all ``n`` drawn given it).
+        """
         model, schema = self._fitted()
         check_positive_int("n", n)
+        contexts = None
+        if context is not None or self.context_columns is not None:
+            contexts = self._checked_context(context, None)
+            if len(contexts) not in (1, n):
+                raise ValueError(f"context has {len(contexts)} rows; give 1 or n = {n}")
+            contexts = contexts.expand(n, -1)
         model.eval()
-        rows = model.sample(n)
+        rows = model.sample(n, contexts)
         if schema.source == "tensor":
             dtype = _torch_dtype(schema.extra["dtype"])
             return rows if dtype.is_floating_point else rows.round().to(dtype)
@@ -220,6 +269,7 @@ class DensityEstimator:
                     "source": schema.source,
                     "extra": _plain(schema.extra),
                 },
+                "context_columns": self.context_columns,
                 "state": {k: v.cpu() for k, v in model.state_dict().items()},
             },
             path,
@@ -255,7 +305,8 @@ class DensityEstimator:
         )
         estimator._dtype = _torch_dtype(saved["dtype"])
         estimator._device = torch.device(device) if device is not None else torch.device("cpu")
-        flow = build(estimator.flow, len(columns), **estimator.options)
+        estimator.context_columns = saved.get("context_columns")
+        flow = estimator._build_flow()
         state = saved["state"]
         estimator.model = _assemble(columns, flow, estimator._device, estimator._dtype)
         estimator.model.load_state_dict(state)
@@ -316,6 +367,45 @@ class DensityEstimator:
             )
         check_values(frame)
         return frame
+
+    def _context_frame(self, context: Any, n_rows: int | None) -> pd.DataFrame:
+        """A context table, checked: numeric, finite, one row per data row."""
+        if isinstance(context, pd.DataFrame):
+            frame = context
+        elif isinstance(context, (np.ndarray, Tensor)):
+            values = context.detach().cpu().numpy() if isinstance(context, Tensor) else context
+            frame = _array_frame(values, "context")
+        else:
+            raise TypeError(
+                f"context must be a pandas DataFrame, a numpy array or a torch tensor, "
+                f"got {type(context).__name__}"
+            )
+        if n_rows is not None and len(frame) != n_rows:
+            raise ValueError(f"context has {len(frame)} rows, the data {n_rows}")
+        check_values(frame)
+        return frame
+
+    def _checked_context(self, context: Any, n_rows: int | None) -> Tensor | None:
+        """The context at scoring or sampling time, checked against the fitted one."""
+        if self.context_columns is None:
+            if context is not None:
+                raise ValueError("this model was fitted without context; pass none")
+            return None
+        if context is None:
+            raise ValueError(
+                f"this model is conditional on {self.context_columns}: pass context=..."
+            )
+        frame = self._context_frame(context, n_rows)
+        names = [str(c) for c in frame.columns]
+        if isinstance(context, pd.DataFrame) and names != self.context_columns:
+            raise ValueError(
+                f"the context's columns {names} differ from the fitted ones {self.context_columns}"
+            )
+        if frame.shape[1] != len(self.context_columns):
+            raise ValueError(
+                f"the context has {frame.shape[1]} columns, the model {len(self.context_columns)}"
+            )
+        return self._to_tensor(frame)
 
     def _to_tensor(self, frame: pd.DataFrame) -> Tensor:
         values = frame.to_numpy(dtype=np.float64)

@@ -116,8 +116,9 @@ class MaskedMLP(nn.Module):
         self.features, self.out_per_input = features, out_per_input
         degrees = [torch.zeros(features + context, dtype=torch.long)]
         degrees[0][order] = torch.arange(1, features + 1)
-        for width in hidden:
-            degrees.append(torch.arange(width) % max(1, features - 1) + 1)
+        for width in hidden:  # with a context, degree-0 units carry it to the first output
+            low = 0 if context else 1
+            degrees.append(torch.arange(width) % max(1, features - low) + low)
         out_degrees = degrees[0][:features].repeat_interleave(out_per_input)
         self.layers = nn.ModuleList()
         for i, (a, b) in enumerate(itertools.pairwise([*degrees, out_degrees])):

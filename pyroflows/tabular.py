@@ -185,13 +185,19 @@ class TabularDensity(nn.Module):
     ``log_prob(rows)`` takes raw rows (a tensor in the table's column order) and returns
     :math:`\log p(y)` per row in the data's units; in training mode discrete columns are
     dequantised with fresh uniform noise, otherwise at the midpoint. ``sample(n)`` returns
-    raw rows, discrete columns decoded back to integers.
+    raw rows, discrete columns decoded back to integers. With a conditional flow
+    (``flow.transform.context_features > 0``) both take a ``context`` of one row per data
+    row, standardised by :meth:`set_context_scaling`, and the density is
+    :math:`\log p(y \mid c)`.
     """
 
     def __init__(self, columns: list[Column], flow: FlowDistribution, mean: Tensor, chol: Tensor):
         super().__init__()
         self.flow = flow
         self.transform = flow.transform  # the trained module
+        self.context_features = flow.transform.context_features
+        self.register_buffer("context_mean", torch.zeros(self.context_features))
+        self.register_buffer("context_scale", torch.ones(self.context_features))
         kinds = [c.kind for c in columns]
         self._has_discrete = any(c.discrete for c in columns)
         self.register_buffer("discrete", torch.tensor([c.discrete for c in columns]))
@@ -217,6 +223,21 @@ class TabularDensity(nn.Module):
         self.chol.copy_(chol)
         eye = torch.eye(len(chol), dtype=chol.dtype, device=chol.device)
         self.chol_inverse.copy_(torch.linalg.solve_triangular(chol, eye, upper=False))
+
+    @torch.no_grad()
+    def set_context_scaling(self, mean: Tensor, scale: Tensor) -> None:
+        """Standardise contexts as ``(c - mean) / scale``."""
+        self.context_mean.copy_(mean)
+        self.context_scale.copy_(scale)
+
+    def _scaled(self, context: Tensor | None) -> Tensor | None:
+        if not self.context_features:
+            if context is not None:
+                raise ValueError("this model is not conditional: it takes no context")
+            return None
+        if context is None:
+            raise ValueError("this model is conditional: pass the context of each row")
+        return (context - self.context_mean) / self.context_scale
 
     def to_real(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Dequantise and map each column to the real line; return it with log|det|.
@@ -260,14 +281,25 @@ class TabularDensity(nn.Module):
         u = (x - self.mean) @ self.chol_inverse.T
         return u, -self.chol.diagonal().log().sum().expand(x.shape[:-1])
 
-    def log_prob(self, y: Tensor) -> Tensor:
+    def log_prob(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         x, log_det_columns = self.to_real(y)
         u, log_det_whiten = self.whiten(x)
-        return self.flow.log_prob(u) + log_det_whiten + log_det_columns
+        context = self._scaled(context)
+        if context is None:
+            log_q = self.flow.log_prob(u)
+        else:
+            z, log_det_flow = self.transform.inverse_and_log_det(u, context=context)
+            log_q = self.flow.base.log_prob(z) + log_det_flow
+        return log_q + log_det_whiten + log_det_columns
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
-        u = self.flow.sample((n,))
+    def sample(self, n: int, context: Tensor | None = None) -> Tensor:
+        context = self._scaled(context)
+        if context is None:
+            u = self.flow.sample((n,))
+        else:
+            z = self.flow.base.sample((n,))
+            u = self.transform.forward_and_log_det(z, context=context)[0]
         x = self.mean + (self.chol @ u.unsqueeze(-1)).squeeze(-1)
         return self.from_real(x)
 

@@ -290,3 +290,52 @@ def test_a_compiled_fit_trains_and_scores():
     model = DensityEstimator(epochs=3, batch_size=64, compile=True, progress=False, seed=0)
     history = model.fit(frame)
     assert len(history) == 3 and np.isfinite(model.score(frame))
+
+
+def conditional_tables(n=1500, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=n)
+    y = 2 * x + 0.1 * rng.normal(size=n)
+    return pd.DataFrame({"y": y}), pd.DataFrame({"x": x})
+
+
+@pytest.mark.parametrize("name", ["realnvp", "maf", "nsf"])
+def test_a_conditional_density_learns_p_y_given_x(name, tmp_path):
+    data, context = conditional_tables()
+    model = DensityEstimator(name, seed=0, progress=False, epochs=200, lr=3e-3)
+    model.fit(data, context=context)
+    test_data, test_context = conditional_tables(seed=1)
+    exact = -0.5 * math.log(2 * math.pi * 0.01) - 0.5  # E log N(y; 2x, 0.1^2)
+    conditional = model.score(test_data, context=test_context)
+    marginal = DensityEstimator(name, seed=0, progress=False, epochs=50).fit(data)
+    assert conditional > exact - 0.15
+    assert conditional > marginal["valid_loss"].min() * -1 + 2.0  # far better than p(y)
+    draws = model.sample(400, context=pd.DataFrame({"x": [0.5]}))
+    assert abs(draws["y"].mean() - 1.0) < 0.05 and abs(draws["y"].std() - 0.1) < 0.03
+    model.save(tmp_path / "conditional.pt")
+    loaded = DensityEstimator.load(tmp_path / "conditional.pt")
+    pd.testing.assert_series_equal(
+        loaded.log_prob(test_data, test_context), model.log_prob(test_data, test_context)
+    )
+
+
+def test_conditional_misuse_is_refused():
+    data, context = conditional_tables(n=200)
+    model = DensityEstimator("realnvp", **FAST)
+    model.fit(data, context=context)
+    with pytest.raises(ValueError, match="conditional on"):
+        model.log_prob(data)
+    with pytest.raises(ValueError, match="context has 5 rows, the data 200"):
+        model.log_prob(data, context.head(5))
+    with pytest.raises(ValueError, match="columns"):
+        model.log_prob(data, context.rename(columns={"x": "z"}))
+    with pytest.raises(ValueError, match="non-finite"):
+        model.log_prob(data, context.assign(x=np.nan))
+    with pytest.raises(ValueError, match="give 1 or n = 3"):
+        model.sample(3, context=context.head(2))
+    with pytest.raises(ValueError, match="no conditional form"):
+        DensityEstimator("linear", **FAST).fit(data, context=context)
+    plain = DensityEstimator("realnvp", **FAST)
+    plain.fit(data)
+    with pytest.raises(ValueError, match="fitted without context"):
+        plain.log_prob(data, context)
