@@ -118,3 +118,19 @@ def test_misuse_is_refused_with_a_clear_error(device):
         flow.condition(torch.randn(2, 5))
     with pytest.raises(ValueError, match="not conditional"):
         pyroflows.build("realnvp", DIM).condition(torch.randn(2, CONTEXT))
+
+
+@pytest.mark.parametrize("name", [n for n in CONDITIONAL if "order" in family_options(n)])
+def test_one_autoregressive_layer_gives_every_entry_the_context(name, device):
+    # The first entry of the order has no earlier entries: only degree-0 hidden units
+    # (conditional MADE) bring it the context.
+    torch.manual_seed(0)
+    flow = build(name, DIM, layers=1, context=CONTEXT).to(device=device, dtype=torch.float64)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = randn(DIM, device=device)
+    jac = torch.autograd.functional.jacobian(
+        lambda c: flow.forward_and_log_det(x, context=c)[0], randn(CONTEXT, device=device)
+    )
+    assert bool((jac.abs().sum(-1) > 0).all())
