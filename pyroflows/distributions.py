@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
 from pyroflows.transforms.base import Conditioned, Flow
+from pyroflows.transforms.packed import Packed
 
 
 class FlowDistribution(TorchDistribution):
@@ -110,7 +111,7 @@ class FlowDistribution(TorchDistribution):
         """Draw reparametrised samples and their log-density with one forward pass."""
         x = self.base.rsample(sample_shape)
         y, ladj = self.transform.forward_and_log_det(x)
-        log_q = _FixedParameters(self).log_prob(y) if self.stl else self.base.log_prob(x) - ladj
+        log_q = self._fixed_log_prob(y) if self.stl else self.base.log_prob(x) - ladj
         self._last_draw = (y, log_q, self._versions())
         return y, log_q
 
@@ -121,6 +122,18 @@ class FlowDistribution(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         x, ladj = self.transform.inverse_and_log_det(value)
+        return self.base.log_prob(x) + ladj
+
+    def _fixed_log_prob(self, y: Tensor) -> Tensor:
+        """``log q(y)`` by an inverse pass with the flow's parameters detached."""
+        transform = self.transform
+        if not isinstance(transform, Packed):
+            return _FixedParameters(self).log_prob(y)
+        held, transform.held = transform.held, transform.flat.numel()  # works under JIT too
+        try:
+            x, ladj = transform.inverse_and_log_det(y)
+        finally:
+            transform.held = held
         return self.base.log_prob(x) + ladj
 
     def _versions(self) -> tuple[int, ...]:

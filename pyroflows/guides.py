@@ -56,7 +56,8 @@ class AutoFlow(AutoContinuous):
 
     * ``warmup=n`` holds the flow at the identity for the first ``n`` guide calls that
       record gradients (SVI steps, with one particle or vectorised particles), so that
-      :math:`\mu, L` first fit the best Gaussian; the flow then refines it.
+      :math:`\mu, L` first fit the best Gaussian; the flow then refines it. (Not under
+      ``JitTrace_ELBO``, which runs the guide's Python once: refused there.)
     * ``stl=True`` scores each draw with the flow's parameters held fixed: the
       path-derivative ("sticking the landing") gradient (Roeder et al. 2017, see
       :class:`~pyroflows.FlowDistribution`), whose variance vanishes as the guide
@@ -176,6 +177,11 @@ class AutoFlow(AutoContinuous):
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        if self._warmup and torch.jit.is_tracing():
+            raise ValueError(
+                "AutoFlow(warmup=...) counts SVI steps in Python, which a JIT ELBO runs only "
+                "once, while tracing; use warmup=0 with JitTrace_ELBO"
+            )
         if torch.is_grad_enabled():
             self._calls += 1
         self.transform.held = self._n_flow if self._calls <= self._warmup else 0

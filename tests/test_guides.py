@@ -235,6 +235,7 @@ def test_stl_guide_gradient_vanishes_when_the_guide_is_the_posterior(name, devic
     assert gradients[False].abs().max() > 1e-3
 
 
+@pytest.mark.filterwarnings(*JIT_WARNINGS)
 def test_warmup_holds_the_flow_at_the_identity_while_the_gaussian_fits(device):
     model = regression_model(device)
     guide = AutoFlow(model, "realnvp", warmup=5)
@@ -250,6 +251,27 @@ def test_warmup_holds_the_flow_at_the_identity_while_the_gaussian_fits(device):
     assert not torch.equal(guide.transform.flat.detach()[:n], start[:n])
     with pytest.raises(ValueError, match="warmup"):
         AutoFlow(model, "realnvp", warmup=-1)
+    with pytest.raises(ValueError, match="JitTrace_ELBO"):
+        JitTrace_ELBO().loss_and_grads(model, AutoFlow(model, "realnvp", warmup=5))
+
+
+@pytest.mark.filterwarnings(*JIT_WARNINGS)
+def test_stl_guide_under_jit_gives_the_plain_stl_loss_and_gradients(device):
+    model = regression_model(device)
+    guide = AutoFlow(model, "realnvp", stl=True)
+    guide()
+    with torch.no_grad():
+        guide.transform.flat.add_(0.1 * torch.randn_like(guide.transform.flat))
+    jit = JitTrace_ELBO()
+    jit.loss_and_grads(model, guide)
+    results = []
+    for elbo in [jit, Trace_ELBO()]:
+        guide.transform.flat.grad = None
+        pyro.set_rng_seed(5)
+        loss = elbo.loss_and_grads(model, guide)
+        results.append((loss, guide.transform.flat.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-7)
+    torch.testing.assert_close(results[0][1], results[1][1])
 
 
 def test_state_dict_round_trip_gives_identical_draws(device):
