@@ -106,10 +106,12 @@ class MaskedMLP(nn.Module):
         activation: str = "relu",
         order: Tensor | None = None,
         context: int = 0,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         hidden = check_widths("hidden", hidden)
         act = ACTIVATIONS[check_choice("activation", activation, list(ACTIVATIONS))]
+        self.residual = bool(residual)
         order = torch.arange(features) if order is None else torch.as_tensor(order)
         if sorted(order.tolist()) != list(range(features)):
             raise ValueError(f"order must be a permutation of 0..{features - 1}, got {order}")
@@ -132,8 +134,13 @@ class MaskedMLP(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         h = x if context is None else torch.cat([x, context], dim=-1)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = nn.functional.linear(h, layer.weight * layer.mask, layer.bias)
-            if i < len(self.layers) - 1:
-                h = self.act(h)
+            out = nn.functional.linear(h, layer.weight * layer.mask, layer.bias)
+            if i == last:
+                h = out
+            elif self.residual and 0 < i and out.shape[-1] == h.shape[-1]:
+                h = h + self.act(out)  # equal widths have equal degrees: masks still hold
+            else:
+                h = self.act(out)
         return (self.gain * h).unflatten(-1, (self.features, self.out_per_input))

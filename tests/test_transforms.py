@@ -260,11 +260,16 @@ def test_flow_stack_refuses_bad_layers(layers, error, message):
         FlowStack(layers)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("conditioner", ["data", "base"])
 @pytest.mark.parametrize("order", [[0, 1, 2, 3], [2, 0, 3, 1]])
-def test_autoregressive_jacobian_is_triangular_in_the_declared_order(conditioner, order, device):
+def test_autoregressive_jacobian_is_triangular_in_the_declared_order(
+    conditioner, order, residual, device
+):
     torch.manual_seed(0)
-    layer = Autoregressive(4, Affine(), conditioner=conditioner, order=torch.tensor(order))
+    layer = Autoregressive(
+        4, Affine(), conditioner=conditioner, order=torch.tensor(order), residual=residual
+    )
     layer = layer.to(device=device, dtype=torch.float64)
     with torch.no_grad():
         layer.net.gain.normal_()

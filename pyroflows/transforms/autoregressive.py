@@ -60,11 +60,14 @@ class Autoregressive(Flow):
         hidden: Sequence[int] = (64, 64),
         activation: str = "relu",
         context: int = 0,
+        residual: bool = False,
     ) -> None:
         super().__init__(dim)
         self.conditioner = check_choice("conditioner", conditioner, ["data", "base"])
         self.transformer = transformer
-        self.net = MaskedMLP(dim, transformer.n_params, hidden, activation, order, context)
+        self.net = MaskedMLP(
+            dim, transformer.n_params, hidden, activation, order, context, residual
+        )
         self.context_features = context
 
     @property
@@ -117,6 +120,7 @@ def _stack(
     order: str,
     clamp: float,
     context: int,
+    residual: bool,
 ) -> FlowStack:
     check_positive_int("layers", layers)
     return FlowStack(
@@ -128,6 +132,7 @@ def _stack(
             hidden=hidden,
             activation=activation,
             context=context,
+            residual=residual,
         )
         for o in layer_orders(dim, layers, order)
     )
@@ -143,19 +148,21 @@ def maf(
     order: str = "reverse",
     clamp: float = 3.0,
     context: int = 0,
+    residual: bool = False,
 ) -> FlowStack:
     """MAF: ``layers`` affine autoregressive layers whose density pass is one network call.
 
     Sampling takes ``dim`` passes per layer. The order is reversed from one layer to the
     next (``order="random"``: a random permutation per layer); ``clamp`` bounds each
-    layer's log-scale (:class:`Affine`). Every layer starts at the identity.
+    layer's log-scale (:class:`Affine`); ``residual=True`` uses residual MADE blocks
+    (:class:`~pyroflows.nn.MaskedMLP`). Every layer starts at the identity.
 
     Example:
         >>> import pyroflows
         >>> len(pyroflows.build("maf", 5, layers=3))
         3
     """
-    return _stack("data", dim, layers, hidden, activation, order, clamp, context)
+    return _stack("data", dim, layers, hidden, activation, order, clamp, context, residual)
 
 
 @register_flow("iaf")
@@ -168,6 +175,7 @@ def iaf(
     order: str = "reverse",
     clamp: float = 3.0,
     context: int = 0,
+    residual: bool = False,
 ) -> FlowStack:
     """IAF: ``layers`` affine autoregressive layers whose sampling pass is one network call.
 
@@ -179,4 +187,4 @@ def iaf(
         >>> len(pyroflows.build("iaf", 5, layers=3))
         3
     """
-    return _stack("base", dim, layers, hidden, activation, order, clamp, context)
+    return _stack("base", dim, layers, hidden, activation, order, clamp, context, residual)

@@ -175,11 +175,13 @@ def nsf_ar(
     bins: int = 8,
     bound: float = 4.0,
     context: int = 0,
+    residual: bool = False,
 ) -> FlowStack:
     """Neural spline flow, autoregressive form: ``layers`` MAF-style layers
     (:class:`Autoregressive`, density in one pass) of :class:`RationalQuadratic` splines.
 
-    Sampling takes ``dim`` passes per layer. Every layer starts at the identity.
+    Sampling takes ``dim`` passes per layer; ``residual=True`` uses residual MADE blocks.
+    Every layer starts at the identity.
 
     Example:
         >>> import pyroflows
@@ -197,6 +199,7 @@ def nsf_ar(
             hidden=hidden,
             activation=activation,
             context=context,
+            residual=residual,
         )
         for o in layer_orders(dim, layers, order)
     )
