@@ -7,7 +7,7 @@ from pyroflows.transforms.actnorm import ActNorm, LocScale
 from pyroflows.transforms.autoregressive import Autoregressive, iaf, maf
 from pyroflows.transforms.base import Conditioned, Flow, FlowStack, Method, NotInvertibleError
 from pyroflows.transforms.coupling import Coupling, coupling_masks
-from pyroflows.transforms.elementwise import Affine, Elementwise, Shift
+from pyroflows.transforms.elementwise import Affine, Elementwise, Inverted, Shift
 from pyroflows.transforms.glow import glow
 from pyroflows.transforms.linear import CholeskyAffine, LULinear
 from pyroflows.transforms.packed import Packed
@@ -26,6 +26,7 @@ __all__ = [
     "Elementwise",
     "Flow",
     "FlowStack",
+    "Inverted",
     "LULinear",
     "LocScale",
     "Method",

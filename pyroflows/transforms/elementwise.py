@@ -91,3 +91,30 @@ class Affine:
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         log_scale = self._log_scale(params)
         return (y - params[..., 1]) * (-log_scale).exp(), -log_scale
+
+
+@dataclass(frozen=True)
+class Inverted:
+    """The inverse of an elementwise ``transformer``: its two directions swapped.
+
+    A layer built on it puts the transformer's closed-form direction on the layer's inverse
+    (density) pass: for splines, whose inverse needs a quadratic solve, density estimation
+    then runs the cheap direction on every training step.
+
+    Example:
+        >>> import torch
+        >>> Inverted(Shift()).forward(torch.tensor([1.0]), torch.tensor([[2.0]]))
+        (tensor([-1.]), tensor([0.]))
+    """
+
+    transformer: Elementwise
+
+    @property
+    def n_params(self) -> int:
+        return self.transformer.n_params
+
+    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return self.transformer.inverse(x, params)
+
+    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return self.transformer.forward(y, params)
