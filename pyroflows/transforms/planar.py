@@ -3,14 +3,16 @@ r"""Planar flows, with an exact inverse by one-dimensional root finding."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from pyroflows._checks import check_positive_int
+from pyroflows.nn import MLP
 from pyroflows.registry import register_flow
 from pyroflows.transforms._math import above_minus_one
-from pyroflows.transforms.base import Flow, FlowStack
+from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
 from pyroflows.transforms.roots import solve_increasing
 
 
@@ -36,6 +38,11 @@ class Planar(Flow):
     (:mod:`pyroflows.transforms.roots`), and then :math:`z = y - \hat u \tanh(a + b)`.
     Pyro's planar layer has no inverse and can only score its own cached samples.
 
+    With ``context=k`` the layer is conditional: a hypernetwork (:class:`~pyroflows.nn.MLP`
+    with ``hidden`` units, zero at the start) adds context-dependent offsets to
+    :math:`u, w, b`, one set per context row; the constraint and the inverse hold row by
+    row.
+
     References:
         Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015)
         https://arxiv.org/abs/1505.05770
@@ -54,41 +61,59 @@ class Planar(Flow):
     forward_method = "analytic"
     inverse_method = "numerical"
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, context: int = 0, hidden: Sequence[int] = (64, 64)) -> None:
         super().__init__(dim)
         self.u = nn.Parameter(torch.zeros(dim))
         self.w = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
         self.b = nn.Parameter(torch.zeros(()))
+        self.context_features = context
+        if context:
+            self.hyper = MLP(context, 2 * dim + 1, hidden)
 
-    def _u_hat(self) -> tuple[Tensor, Tensor]:
-        """Return :math:`\\hat u` and :math:`c = w^\\top \\hat u`."""
-        wu = self.w @ self.u
+    def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
+        """``x`` broadcast against the context, :math:`\\hat u`, :math:`w`, :math:`b` and
+        :math:`c = w^\top \\hat u` (per context row for a conditional layer)."""
+        x, context = broadcast_context(x, context, self.context_features)
+        u, w, b = self.u, self.w, self.b
+        if context is not None:
+            du, dw, db = self.hyper(context).split([self.dim, self.dim, 1], dim=-1)
+            u, w, b = u + du, w + dw, b + db.squeeze(-1)
+        wu = (w * u).sum(-1)
         c = above_minus_one(wu)
-        u_hat = self.u + (c - wu) * self.w / (self.w @ self.w).clamp_min(1e-12)
-        return u_hat, c
+        u_hat = u + ((c - wu) / (w * w).sum(-1).clamp_min(1e-12)).unsqueeze(-1) * w
+        return x, u_hat, w, b, c
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        u_hat, c = self._u_hat()
-        h = torch.tanh(x @ self.w + self.b)
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x, u_hat, w, b, c = self._params(x, context)
+        h = torch.tanh((x * w).sum(-1) + b)
         y = x + h.unsqueeze(-1) * u_hat
         return y, torch.log1p(c * (1 - h**2))
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        u_hat, c = self._u_hat()
-        t = y @ self.w
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        y, u_hat, w, b, c = self._params(y, context)
+        t = (y * w).sum(-1)
 
         def lhs(a: Tensor) -> tuple[Tensor, Tensor]:
-            h = torch.tanh(a + self.b)
+            h = torch.tanh(a + b)
             return a + c * h, 1 + c * (1 - h**2)
 
         a = solve_increasing(lhs, t, t - c.abs(), t + c.abs())
-        h = torch.tanh(a + self.b)
+        h = torch.tanh(a + b)
         return y - h.unsqueeze(-1) * u_hat, -torch.log1p(c * (1 - h**2))
 
 
 @register_flow("planar")
-def planar(dim: int, *, layers: int = 8) -> FlowStack:
+def planar(
+    dim: int, *, layers: int = 8, context: int = 0, hidden: Sequence[int] = (64, 64)
+) -> FlowStack:
     """A stack of ``layers`` planar layers (:class:`Planar`), each starting at the identity.
+
+    ``context=k`` makes each layer conditional through a hypernetwork of ``hidden`` units
+    (unused without a context).
 
     Example:
         >>> import pyroflows
@@ -96,4 +121,4 @@ def planar(dim: int, *, layers: int = 8) -> FlowStack:
         3
     """
     check_positive_int("layers", layers)
-    return FlowStack(Planar(dim) for _ in range(layers))
+    return FlowStack(Planar(dim, context, hidden) for _ in range(layers))

@@ -2,14 +2,17 @@ r"""Radial flows, with an exact closed-form inverse."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyroflows._checks import check_positive_int
+from pyroflows.nn import MLP
 from pyroflows.registry import register_flow
 from pyroflows.transforms._math import above_minus_one
-from pyroflows.transforms.base import Flow, FlowStack
+from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
 
 
 class Radial(Flow):
@@ -32,6 +35,9 @@ class Radial(Flow):
     :math:`r^2 + (\alpha + \beta - s) r - \alpha s = 0`, whose one non-negative root is taken
     in the form that avoids cancellation; then :math:`z = z_0 + (y - z_0) / (1 + \beta h(r))`.
 
+    With ``context=k`` the layer is conditional: a hypernetwork (zero at the start) adds
+    context-dependent offsets to :math:`z_0, \alpha', \beta'`, one set per context row.
+
     References:
         Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015)
         https://arxiv.org/abs/1505.05770
@@ -49,31 +55,49 @@ class Radial(Flow):
         True
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, context: int = 0, hidden: Sequence[int] = (64, 64)) -> None:
         super().__init__(dim)
         self.z0 = nn.Parameter(torch.randn(dim) * 0.1)
         self.alpha_raw = nn.Parameter(torch.zeros(()))
         self.beta_raw = nn.Parameter(torch.zeros(()))
+        self.context_features = context
+        if context:
+            self.hyper = MLP(context, dim + 2, hidden)
 
-    def _alpha_beta(self) -> tuple[Tensor, Tensor]:
-        alpha = F.softplus(self.alpha_raw)
-        return alpha, alpha * above_minus_one(self.beta_raw)
+    def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
+        """``x`` broadcast against the context, :math:`z_0`, :math:`\alpha`, :math:`\beta`
+        (per context row for a conditional layer)."""
+        x, context = broadcast_context(x, context, self.context_features)
+        z0, alpha_raw, beta_raw = self.z0, self.alpha_raw, self.beta_raw
+        if context is not None:
+            dz, da, db = self.hyper(context).split([self.dim, 1, 1], dim=-1)
+            z0, alpha_raw, beta_raw = (
+                z0 + dz,
+                alpha_raw + da.squeeze(-1),
+                beta_raw + db.squeeze(-1),
+            )
+        alpha = F.softplus(alpha_raw)
+        return x, z0, alpha, alpha * above_minus_one(beta_raw)
 
     def _log_det(self, r: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
         return (self.dim - 1) * torch.log1p(beta / (alpha + r)) + torch.log1p(
             alpha * beta / (alpha + r) ** 2
         )
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, beta = self._alpha_beta()
-        diff = x - self.z0
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x, z0, alpha, beta = self._params(x, context)
+        diff = x - z0
         r = torch.linalg.vector_norm(diff, dim=-1)
         y = x + (beta / (alpha + r)).unsqueeze(-1) * diff
         return y, self._log_det(r, alpha, beta)
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, beta = self._alpha_beta()
-        diff = y - self.z0
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        y, z0, alpha, beta = self._params(y, context)
+        diff = y - z0
         s = torch.linalg.vector_norm(diff, dim=-1)
         b = alpha + beta - s
         root = (b**2 + 4 * alpha * s).sqrt()
@@ -81,13 +105,18 @@ class Radial(Flow):
         r = torch.where(
             b < 0, (root - b) / 2, 2 * alpha * s / (b + root).clamp_min(torch.finfo(s.dtype).tiny)
         )
-        x = self.z0 + diff / (1 + beta / (alpha + r)).unsqueeze(-1)
+        x = z0 + diff / (1 + beta / (alpha + r)).unsqueeze(-1)
         return x, -self._log_det(r, alpha, beta)
 
 
 @register_flow("radial")
-def radial(dim: int, *, layers: int = 8) -> FlowStack:
+def radial(
+    dim: int, *, layers: int = 8, context: int = 0, hidden: Sequence[int] = (64, 64)
+) -> FlowStack:
     """A stack of ``layers`` radial layers (:class:`Radial`), each starting at the identity.
+
+    ``context=k`` makes each layer conditional through a hypernetwork of ``hidden`` units
+    (unused without a context).
 
     Example:
         >>> import pyroflows
@@ -95,4 +124,4 @@ def radial(dim: int, *, layers: int = 8) -> FlowStack:
         3
     """
     check_positive_int("layers", layers)
-    return FlowStack(Radial(dim) for _ in range(layers))
+    return FlowStack(Radial(dim, context, hidden) for _ in range(layers))

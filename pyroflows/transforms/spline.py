@@ -95,7 +95,7 @@ class RationalQuadratic:
         """
         k = self.bins
         edges = knots[..., axis, 1:-1].contiguous()
-        index = torch.searchsorted(edges, v.unsqueeze(-1))
+        index = torch.searchsorted(edges, v.unsqueeze(-1).contiguous())
         shifts = torch.tensor([0, 1, k + 1, k + 2, 2 * k + 2, 2 * k + 3], device=v.device)
         x0, x1, y0, y1, d0, d1 = knots.flatten(-2).gather(-1, index + shifts).unbind(-1)
         return x0, x1 - x0, y0, y1 - y0, d0, d1
