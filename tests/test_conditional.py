@@ -111,7 +111,7 @@ def test_flow_distribution_of_a_conditioned_flow(name, device):
 
 def test_misuse_is_refused_with_a_clear_error(device):
     with pytest.raises(ValueError, match=r"no conditional form; conditional families: .*realnvp"):
-        build("planar", DIM, context=CONTEXT)
+        build("sylvester", DIM, context=CONTEXT)
     flow = build("realnvp", DIM, context=CONTEXT)
     with pytest.raises(ValueError, match="conditional: pass context"):
         flow.forward_and_log_det(torch.randn(2, DIM))

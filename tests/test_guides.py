@@ -342,8 +342,8 @@ def test_model_without_latent_sites_is_refused():
 def test_unknown_family_and_option_are_refused_at_construction():
     with pytest.raises(ValueError, match="unknown flow family 'nvp'"):
         AutoFlow(lambda: None, "nvp")
-    with pytest.raises(ValueError, match="'planar' has no option 'hidden'"):
-        AutoFlow(lambda: None, "planar", hidden=(8,))
+    with pytest.raises(ValueError, match="'planar' has no option 'bins'"):
+        AutoFlow(lambda: None, "planar", bins=8)
     with pytest.raises(ValueError, match="init_scale must be a finite positive number"):
         AutoFlow(lambda: None, init_scale=0.0)
 
