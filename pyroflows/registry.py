@@ -70,10 +70,10 @@ def check_options(name: str, options: dict[str, Any]) -> None:
 
     Example:
         >>> check_options("planar", {"layers": 4})
-        >>> check_options("planar", {"bins": 8})
+        >>> check_options("nice", {"bins": 8})
         Traceback (most recent call last):
         ...
-        ValueError: flow family 'planar' has no option 'bins'; its options are: layers, context, hidden
+        ValueError: flow family 'nice' has no option 'bins'; its options are: ...
     """
     signature = inspect.signature(_family(name))
     if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
