@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -144,3 +145,35 @@ class MaskedMLP(nn.Module):
             else:
                 h = self.act(out)
         return (self.gain * h).unflatten(-1, (self.features, self.out_per_input))
+
+
+class Hypernet(nn.Module):
+    r"""Context-dependent offsets to a layer's parameters: :math:`\theta(c) = \theta + g(c)`.
+
+    ``shapes`` maps parameter names to shapes; :meth:`forward` returns, for contexts of
+    shape ``(..., context)``, a dict of offsets of shapes ``(..., *shape)``, one set per
+    context row. The network is an :class:`MLP` whose output starts at zero, so a layer
+    made conditional this way starts as its unconditional self.
+
+    Example:
+        >>> import torch
+        >>> net = Hypernet({"u": (3,), "b": ()}, context=2, hidden=(8,))
+        >>> {k: tuple(v.shape) for k, v in net(torch.randn(5, 2)).items()}
+        {'u': (5, 3), 'b': (5,)}
+    """
+
+    def __init__(
+        self, shapes: dict[str, Sequence[int]], context: int, hidden: Sequence[int] = (64, 64)
+    ) -> None:
+        super().__init__()
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self.sizes = [math.prod(shape) for shape in self.shapes.values()]
+        self.net = MLP(context, sum(self.sizes), hidden)
+
+    def forward(self, context: Tensor) -> dict[str, Tensor]:
+        parts = self.net(context).split(self.sizes, dim=-1)
+        batch = context.shape[:-1]
+        return {
+            name: part.reshape((*batch, *shape))
+            for (name, shape), part in zip(self.shapes.items(), parts, strict=True)
+        }

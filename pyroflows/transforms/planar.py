@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pyroflows._checks import check_positive_int
-from pyroflows.nn import MLP
+from pyroflows.nn import Hypernet
 from pyroflows.registry import register_flow
 from pyroflows.transforms._math import above_minus_one
 from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
@@ -38,7 +38,7 @@ class Planar(Flow):
     (:mod:`pyroflows.transforms.roots`), and then :math:`z = y - \hat u \tanh(a + b)`.
     Pyro's planar layer has no inverse and can only score its own cached samples.
 
-    With ``context=k`` the layer is conditional: a hypernetwork (:class:`~pyroflows.nn.MLP`
+    With ``context=k`` the layer is conditional: a hypernetwork (:class:`~pyroflows.nn.Hypernet`
     with ``hidden`` units, zero at the start) adds context-dependent offsets to
     :math:`u, w, b`, one set per context row; the constraint and the inverse hold row by
     row.
@@ -68,7 +68,7 @@ class Planar(Flow):
         self.b = nn.Parameter(torch.zeros(()))
         self.context_features = context
         if context:
-            self.hyper = MLP(context, 2 * dim + 1, hidden)
+            self.hyper = Hypernet({"u": (dim,), "w": (dim,), "b": ()}, context, hidden)
 
     def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
         """``x`` broadcast against the context, :math:`\\hat u`, :math:`w`, :math:`b` and
@@ -76,8 +76,8 @@ class Planar(Flow):
         x, context = broadcast_context(x, context, self.context_features)
         u, w, b = self.u, self.w, self.b
         if context is not None:
-            du, dw, db = self.hyper(context).split([self.dim, self.dim, 1], dim=-1)
-            u, w, b = u + du, w + dw, b + db.squeeze(-1)
+            offsets = self.hyper(context)
+            u, w, b = u + offsets["u"], w + offsets["w"], b + offsets["b"]
         wu = (w * u).sum(-1)
         c = above_minus_one(wu)
         u_hat = u + ((c - wu) / (w * w).sum(-1).clamp_min(1e-12)).unsqueeze(-1) * w

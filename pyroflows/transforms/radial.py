@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyroflows._checks import check_positive_int
-from pyroflows.nn import MLP
+from pyroflows.nn import Hypernet
 from pyroflows.registry import register_flow
 from pyroflows.transforms._math import above_minus_one
 from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
@@ -62,7 +62,8 @@ class Radial(Flow):
         self.beta_raw = nn.Parameter(torch.zeros(()))
         self.context_features = context
         if context:
-            self.hyper = MLP(context, dim + 2, hidden)
+            shapes = {"z0": (dim,), "alpha_raw": (), "beta_raw": ()}
+            self.hyper = Hypernet(shapes, context, hidden)
 
     def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
         """``x`` broadcast against the context, :math:`z_0`, :math:`\alpha`, :math:`\beta`
@@ -70,12 +71,10 @@ class Radial(Flow):
         x, context = broadcast_context(x, context, self.context_features)
         z0, alpha_raw, beta_raw = self.z0, self.alpha_raw, self.beta_raw
         if context is not None:
-            dz, da, db = self.hyper(context).split([self.dim, 1, 1], dim=-1)
-            z0, alpha_raw, beta_raw = (
-                z0 + dz,
-                alpha_raw + da.squeeze(-1),
-                beta_raw + db.squeeze(-1),
-            )
+            offsets = self.hyper(context)
+            z0 = z0 + offsets["z0"]
+            alpha_raw = alpha_raw + offsets["alpha_raw"]
+            beta_raw = beta_raw + offsets["beta_raw"]
         alpha = F.softplus(alpha_raw)
         return x, z0, alpha, alpha * above_minus_one(beta_raw)
 
