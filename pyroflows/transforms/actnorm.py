@@ -2,13 +2,15 @@ r"""Elementwise affine layers: a plain one, and Glow's actnorm with a data-depen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from pyroflows.nn import Hypernet
 from pyroflows.registry import register_flow
-from pyroflows.transforms.base import Flow, FlowStack
+from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
 
 
 class LocScale(Flow):
@@ -16,6 +18,8 @@ class LocScale(Flow):
 
     It starts at the given ``loc`` (:math:`t`) and ``scale`` (:math:`e^{s}`), by default
     the identity. It is the diagonal scaling of ``nice`` and the parent of :class:`ActNorm`.
+    With ``context=k`` a :class:`~pyroflows.nn.Hypernet` adds context-dependent offsets to
+    :math:`t` and :math:`s`, one set per context row.
 
     Example:
         >>> import torch
@@ -24,7 +28,13 @@ class LocScale(Flow):
         tensor([1.5000, 5.0000], grad_fn=<AddBackward0>)
     """
 
-    def __init__(self, loc: Tensor, scale: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        loc: Tensor,
+        scale: Tensor | None = None,
+        context: int = 0,
+        hidden: Sequence[int] = (64, 64),
+    ) -> None:
         if loc.dim() != 1:
             raise ValueError(f"loc must be a vector, got shape {tuple(loc.shape)}")
         scale = torch.ones_like(loc) if scale is None else scale.expand_as(loc)
@@ -33,14 +43,32 @@ class LocScale(Flow):
         super().__init__(len(loc))
         self.shift = nn.Parameter(loc.detach().clone())
         self.log_scale = nn.Parameter(scale.detach().log())
+        self.context_features = context
+        if context:
+            shapes = {"shift": (self.dim,), "log_scale": (self.dim,)}
+            self.hyper = Hypernet(shapes, context, hidden)
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = x * self.log_scale.exp() + self.shift
-        return y, self.log_scale.sum().expand(x.shape[:-1])
+    def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` broadcast against the context, :math:`t` and :math:`s` (per context row)."""
+        x, context = broadcast_context(x, context, self.context_features)
+        if context is None:
+            return x, self.shift, self.log_scale
+        offsets = self.hyper(context)
+        return x, self.shift + offsets["shift"], self.log_scale + offsets["log_scale"]
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = (y - self.shift) * (-self.log_scale).exp()
-        return x, (-self.log_scale.sum()).expand(y.shape[:-1])
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x, shift, log_scale = self._params(x, context)
+        y = x * log_scale.exp() + shift
+        return y, log_scale.sum(-1).expand(x.shape[:-1])
+
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        y, shift, log_scale = self._params(y, context)
+        x = (y - shift) * (-log_scale).exp()
+        return x, (-log_scale.sum(-1)).expand(y.shape[:-1])
 
 
 class ActNorm(LocScale):
@@ -66,16 +94,18 @@ class ActNorm(LocScale):
         (True, True)
     """
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(torch.zeros(dim))
+    def __init__(self, dim: int, context: int = 0, hidden: Sequence[int] = (64, 64)) -> None:
+        super().__init__(torch.zeros(dim), context=context, hidden=hidden)
         self.register_buffer("initialized", torch.tensor(False))
         self._known_initialized = False
         self.register_load_state_dict_post_hook(_forget_initialized)
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         if self.training and not self._is_initialized():
             self._initialize(y.reshape(-1, self.dim))
-        return super().inverse_and_log_det(y)
+        return super().inverse_and_log_det(y, context)
 
     def _is_initialized(self) -> bool:
         # Read the buffer (a device sync) only until it is known to be set.
@@ -118,12 +148,13 @@ def _forget_initialized(module: ActNorm, incompatible_keys: Any) -> None:
 
 
 @register_flow("actnorm")
-def actnorm(dim: int) -> FlowStack:
-    """A single :class:`ActNorm` layer: a learned per-dimension affine map.
+def actnorm(dim: int, *, context: int = 0, hidden: Sequence[int] = (64, 64)) -> FlowStack:
+    """A single :class:`ActNorm` layer: a learned per-dimension affine map (conditional
+    with ``context=k``, through a hypernetwork of ``hidden`` units).
 
     Example:
         >>> import pyroflows
         >>> len(pyroflows.build("actnorm", 3))
         1
     """
-    return FlowStack([ActNorm(dim)])
+    return FlowStack([ActNorm(dim, context, hidden)])

@@ -2,11 +2,14 @@ r"""An invertible linear layer parametrised by its LU decomposition (Glow's 1x1 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
+from pyroflows.nn import Hypernet
 from pyroflows.registry import register_flow
-from pyroflows.transforms.base import Flow, FlowStack
+from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
 
 
 class LULinear(Flow):
@@ -32,44 +35,69 @@ class LULinear(Flow):
         True
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, context: int = 0, hidden: Sequence[int] = (64, 64)) -> None:
         super().__init__(dim)
         self.lower = nn.Parameter(torch.zeros(dim, dim))
         self.upper = nn.Parameter(torch.zeros(dim, dim))
         self.log_diag = nn.Parameter(torch.zeros(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
+        self.context_features = context
+        if context:
+            shapes = {"lower": (dim, dim), "upper": (dim, dim), "log_diag": (dim,), "bias": (dim,)}
+            self.hyper = Hypernet(shapes, context, hidden)
 
-    def _factors(self) -> tuple[Tensor, Tensor]:
-        eye = torch.eye(self.dim, dtype=self.lower.dtype, device=self.lower.device)
-        lower = self.lower.tril(-1) + eye
-        upper = self.upper.triu(1) + torch.diag(self.log_diag.exp())
-        return lower, upper
+    def _factors(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
+        """``x`` broadcast against the context, :math:`L`, :math:`U`, :math:`s` and :math:`b`
+        (per context row, with a batch of matrices, for a conditional layer)."""
+        x, context = broadcast_context(x, context, self.context_features)
+        lower, upper, log_diag, bias = self.lower, self.upper, self.log_diag, self.bias
+        if context is not None:
+            offsets = self.hyper(context)
+            lower, upper = lower + offsets["lower"], upper + offsets["upper"]
+            log_diag, bias = log_diag + offsets["log_diag"], bias + offsets["bias"]
+        eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
+        lower = lower.tril(-1) + eye
+        upper = upper.triu(1) + torch.diag_embed(log_diag.exp())
+        return x, lower, upper, log_diag, bias
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        lower, upper = self._factors()
-        y = x @ (lower @ upper).T + self.bias
-        return y, self.log_diag.sum().expand(x.shape[:-1])
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x, lower, upper, log_diag, bias = self._factors(x, context)
+        weight = lower @ upper
+        if weight.dim() == 2:
+            y = x @ weight.T + bias
+        else:
+            y = (weight @ x.unsqueeze(-1)).squeeze(-1) + bias
+        return y, log_diag.sum(-1).expand(x.shape[:-1])
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        lower, upper = self._factors()
-        rows = (y - self.bias).reshape(-1, self.dim)
-        # Row vectors: x W^T = y - b with W^T = U^T L^T; solve against L^T, then U^T.
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        y, lower, upper, log_diag, bias = self._factors(y, context)
         solve = torch.linalg.solve_triangular
-        z = solve(lower.T, rows, upper=True, left=False, unitriangular=True)
-        x = solve(upper.T, z, upper=False, left=False)
-        return x.reshape(y.shape), (-self.log_diag.sum()).expand(y.shape[:-1])
+        if lower.dim() == 2:
+            rows = (y - bias).reshape(-1, self.dim)
+            # Row vectors: x W^T = y - b with W^T = U^T L^T; solve against L^T, then U^T.
+            z = solve(lower.T, rows, upper=True, left=False, unitriangular=True)
+            x = solve(upper.T, z, upper=False, left=False).reshape(y.shape)
+        else:  # one matrix per row: L z = y - b, then U x = z
+            z = solve(lower, (y - bias).unsqueeze(-1), upper=False, unitriangular=True)
+            x = solve(upper, z, upper=True).squeeze(-1)
+        return x, (-log_diag.sum(-1)).expand(y.shape[:-1])
 
 
 @register_flow("linear")
-def linear(dim: int) -> FlowStack:
-    """A single :class:`LULinear` layer: a learned invertible affine map.
+def linear(dim: int, *, context: int = 0, hidden: Sequence[int] = (64, 64)) -> FlowStack:
+    """A single :class:`LULinear` layer: a learned invertible affine map (conditional with
+    ``context=k``: a hypernetwork of ``hidden`` units offsets :math:`L, U, s, b` per row).
 
     Example:
         >>> import pyroflows
         >>> len(pyroflows.build("linear", 3))
         1
     """
-    return FlowStack([LULinear(dim)])
+    return FlowStack([LULinear(dim, context, hidden)])
 
 
 class CholeskyAffine(Flow):

@@ -3,14 +3,16 @@ r"""Householder Sylvester flows, with an exact inverse by back substitution."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from pyroflows._checks import check_positive_int
+from pyroflows.nn import Hypernet
 from pyroflows.registry import register_flow
 from pyroflows.transforms._math import above_minus_one
-from pyroflows.transforms.base import Flow, FlowStack
+from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
 from pyroflows.transforms.roots import solve_increasing
 
 
@@ -36,6 +38,10 @@ class Sylvester(Flow):
     (:mod:`pyroflows.transforms.roots`), so the inverse costs :math:`d` batched root
     searches. The forward (sampling) direction is one pass.
 
+    With ``context=k`` a :class:`~pyroflows.nn.Hypernet` (zero at the start) adds
+    context-dependent offsets to :math:`v_k, R, \tilde R, b`: one :math:`Q` and one pair
+    of triangles per context row, and the back substitution runs row by row.
+
     References:
         Sylvester Normalizing Flows for Variational Inference (van den Berg, Hasenclever,
         Tomczak & Welling, 2018) https://arxiv.org/abs/1803.05649
@@ -54,49 +60,69 @@ class Sylvester(Flow):
     forward_method = "analytic"
     inverse_method = "numerical"
 
-    def __init__(self, dim: int, reflections: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        reflections: int | None = None,
+        context: int = 0,
+        hidden: Sequence[int] = (64, 64),
+    ) -> None:
         super().__init__(dim)
         k = dim if reflections is None else check_positive_int("reflections", reflections)
         self.v = nn.Parameter(torch.randn(k, dim))
         self.r = nn.Parameter(torch.zeros(dim, dim))
-        self.r_tilde = nn.Parameter(
-            torch.eye(dim) + torch.randn(dim, dim).triu(1) / math.sqrt(dim)
-        )
+        off_diagonal = torch.randn(dim, dim).triu(1) / math.sqrt(dim)
+        self.r_tilde = nn.Parameter(torch.eye(dim) + off_diagonal)
         self.b = nn.Parameter(torch.zeros(dim))
+        self.context_features = context
+        if context:
+            shapes = {"v": (k, dim), "r": (dim, dim), "r_tilde": (dim, dim), "b": (dim,)}
+            self.hyper = Hypernet(shapes, context, hidden)
 
-    def _q(self) -> Tensor:
-        q = torch.eye(self.dim, dtype=self.v.dtype, device=self.v.device)
-        for v in self.v:
-            q = q - 2 * torch.outer(q @ v, v) / (v @ v).clamp_min(1e-12)
-        return q
-
-    def _triangles(self) -> tuple[Tensor, Tensor, Tensor]:
-        """:math:`R` with its corrected diagonal, :math:`\\tilde R`, and the diagonal products."""
-        r_tilde = self.r_tilde.triu()
-        a, c = self.r.diagonal(), r_tilde.diagonal()
+    def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
+        """``x`` broadcast against the context; :math:`Q`, :math:`R` with its corrected
+        diagonal, :math:`\tilde R`, :math:`b` and the diagonal products (per context row, as
+        batches of matrices, for a conditional layer)."""
+        x, context = broadcast_context(x, context, self.context_features)
+        v, r, r_tilde, b = self.v, self.r, self.r_tilde, self.b
+        if context is not None:
+            offsets = self.hyper(context)
+            v, r, b = v + offsets["v"], r + offsets["r"], b + offsets["b"]
+            r_tilde = r_tilde + offsets["r_tilde"]
+        q = torch.eye(self.dim, dtype=x.dtype, device=x.device).expand(*v.shape[:-2], -1, -1)
+        for k in range(v.shape[-2]):
+            vk = v[..., k, :]
+            qv = (q @ vk.unsqueeze(-1)) * (2 / (vk * vk).sum(-1).clamp_min(1e-12))[..., None, None]
+            q = q - qv @ vk.unsqueeze(-2)
+        r_tilde = r_tilde.triu()
+        a, c = r.diagonal(dim1=-2, dim2=-1), r_tilde.diagonal(dim1=-2, dim2=-1)
         product = above_minus_one(a * c)
         diag = a + (product - a * c) * c / (c * c).clamp_min(1e-12)
-        r = self.r.triu(1) + torch.diag(diag)
-        return r, r_tilde, product
+        r = r.triu(1) + torch.diag_embed(diag)
+        return x, q, r, r_tilde, b, product
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        q = self._q()
-        r, r_tilde, product = self._triangles()
-        h = torch.tanh((x @ q) @ r_tilde.T + self.b)
-        y = x + (h @ r.T) @ q.T
+    def forward_and_log_det(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x, q, r, r_tilde, b, product = self._params(x, context)
+        u = (x.unsqueeze(-2) @ q).squeeze(-2)  # Q^T x, as rows
+        h = torch.tanh((u.unsqueeze(-2) @ r_tilde.mT).squeeze(-2) + b)
+        y = x + ((h.unsqueeze(-2) @ r.mT) @ q.mT).squeeze(-2)
         return y, torch.log1p((1 - h**2) * product).sum(-1)
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        q = self._q()
-        r, r_tilde, product = self._triangles()
-        target = y @ q  # u' = Q^T y, as rows
+    def inverse_and_log_det(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        y, q, r, r_tilde, b, product = self._params(y, context)
+        target = (y.unsqueeze(-2) @ q).squeeze(-2)  # u' = Q^T y, as rows
         u: list[Tensor] = [target[..., 0]] * self.dim
         h: list[Tensor] = [target[..., 0]] * self.dim
         for i in reversed(range(self.dim)):
             later = range(i + 1, self.dim)
-            c = self.b[i] + sum((r_tilde[i, k] * u[k] for k in later), torch.zeros_like(u[i]))
-            t = target[..., i] - sum((r[i, j] * h[j] for j in later), torch.zeros_like(u[i]))
-            r_ii, rt_ii = r[i, i], r_tilde[i, i]
+            zero = torch.zeros_like(u[i])
+            c = b[..., i] + sum((r_tilde[..., i, k] * u[k] for k in later), zero)
+            t = target[..., i] - sum((r[..., i, j] * h[j] for j in later), zero)
+            r_ii, rt_ii = r[..., i, i], r_tilde[..., i, i]
 
             def lhs(a: Tensor, r_ii=r_ii, rt_ii=rt_ii, c=c) -> tuple[Tensor, Tensor]:
                 tanh = torch.tanh(rt_ii * a + c)
@@ -105,15 +131,23 @@ class Sylvester(Flow):
             u[i] = solve_increasing(lhs, t, t - r_ii.abs(), t + r_ii.abs())
             h[i] = torch.tanh(rt_ii * u[i] + c)
         hs = torch.stack(h, dim=-1)
-        x = torch.stack(u, dim=-1) @ q.T
+        x = (torch.stack(u, dim=-1).unsqueeze(-2) @ q.mT).squeeze(-2)
         return x, -torch.log1p((1 - hs**2) * product).sum(-1)
 
 
 @register_flow("sylvester")
-def sylvester(dim: int, *, layers: int = 4, reflections: int | None = None) -> FlowStack:
+def sylvester(
+    dim: int,
+    *,
+    layers: int = 4,
+    reflections: int | None = None,
+    context: int = 0,
+    hidden: Sequence[int] = (64, 64),
+) -> FlowStack:
     """A stack of ``layers`` Householder Sylvester layers (:class:`Sylvester`), each with
     ``reflections`` reflections (default ``dim``, which spans every orthogonal matrix of
-    determinant :math:`(-1)^{dim}`); each starts at the identity.
+    determinant :math:`(-1)^{dim}`); each starts at the identity. ``context=k`` makes each
+    layer conditional through a hypernetwork of ``hidden`` units.
 
     Example:
         >>> import pyroflows
@@ -121,4 +155,4 @@ def sylvester(dim: int, *, layers: int = 4, reflections: int | None = None) -> F
         2
     """
     check_positive_int("layers", layers)
-    return FlowStack(Sylvester(dim, reflections) for _ in range(layers))
+    return FlowStack(Sylvester(dim, reflections, context, hidden) for _ in range(layers))
