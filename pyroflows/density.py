@@ -60,7 +60,7 @@ class DensityEstimator:
 
     Conditional densities :math:`p(y \mid c)`: ``fit(data, context=ctx)`` with one numeric
     context row per data row (same input types) builds the family's conditional form
-    (``context=`` in :func:`~pyroflows.build`; the families with a parameter network) on
+    (``context=`` in :func:`~pyroflows.build`; every built-in family has one) on
     standardised contexts; :meth:`log_prob`, :meth:`score` and :meth:`sample` then take the
     context of each row. The start is then the marginal Gaussian of :math:`y`, and training
     never ends worse than it on the validation rows.
