@@ -87,7 +87,7 @@ def guide_kl(guide, log_p, log_z: float, n: int = 100_000) -> float:
 def energies(args) -> pd.DataFrame:
     # Pyro's AutoNormalizingFlow and AutoIAFNormal start from N(0, I) whatever the model;
     # AutoFlow is given the same start (loc 0, scale 1) so that the flows alone differ.
-    same_start = {"init_loc_fn": init_to_feasible, "init_scale": 1.0}
+    same_start = {"init_loc_fn": init_to_feasible, "init_scale": 1.0, "stl": args.stl}
     guides: dict[str, GuideMaker] = {}
     for k in args.lengths:
         guides[f"pyroflows planar K={k}"] = partial(
@@ -98,7 +98,7 @@ def energies(args) -> pd.DataFrame:
     guides["pyro AutoIAFNormal"] = AutoIAFNormal
     guides["pyro AutoMultivariateNormal"] = AutoMultivariateNormal
     rows = []
-    for name in ENERGIES:
+    for name in args.energies:
         log_p = energy_log_density(name)
         log_z = grid_log_normalizer(log_p)
         model = energy_model(log_p)
@@ -193,6 +193,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--particles", type=int, default=None, help="default 64 / 1")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2, 8, 32])
+    parser.add_argument("--energies", nargs="+", default=list(ENERGIES))
+    parser.add_argument(
+        "--stl", action="store_true", help="AutoFlow guides on the energies use stl=True"
+    )
     parser.add_argument("--posteriors", nargs="+", default=POSTERIORS)
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument(
