@@ -231,9 +231,8 @@ class DensityEstimator:
         """
         model, schema = self._fitted()
         check_positive_int("n", n)
-        contexts = None
-        if context is not None or self.context_columns is not None:
-            contexts = self._checked_context(context, None)
+        contexts = self._checked_context(context, None)
+        if contexts is not None:
             if len(contexts) not in (1, n):
                 raise ValueError(f"context has {len(contexts)} rows; give 1 or n = {n}")
             contexts = contexts.expand(n, -1)

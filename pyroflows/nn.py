@@ -170,6 +170,11 @@ class Hypernet(nn.Module):
         self.sizes = [math.prod(shape) for shape in self.shapes.values()]
         self.net = MLP(context, sum(self.sizes), hidden)
 
+    def shifted(self, context: Tensor, **params: Tensor) -> tuple[Tensor, ...]:
+        """The given parameters plus their offsets at ``context``, in the order given."""
+        offsets = self(context)
+        return tuple(value + offsets[name] for name, value in params.items())
+
     def forward(self, context: Tensor) -> dict[str, Tensor]:
         parts = self.net(context).split(self.sizes, dim=-1)
         batch = context.shape[:-1]

@@ -53,8 +53,7 @@ class LocScale(Flow):
         x, context = broadcast_context(x, context, self.context_features)
         if context is None:
             return x, self.shift, self.log_scale
-        offsets = self.hyper(context)
-        return x, self.shift + offsets["shift"], self.log_scale + offsets["log_scale"]
+        return x, *self.hyper.shifted(context, shift=self.shift, log_scale=self.log_scale)
 
     def forward_and_log_det(
         self, x: Tensor, context: Tensor | None = None

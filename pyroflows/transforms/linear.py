@@ -52,9 +52,9 @@ class LULinear(Flow):
         x, context = broadcast_context(x, context, self.context_features)
         lower, upper, log_diag, bias = self.lower, self.upper, self.log_diag, self.bias
         if context is not None:
-            offsets = self.hyper(context)
-            lower, upper = lower + offsets["lower"], upper + offsets["upper"]
-            log_diag, bias = log_diag + offsets["log_diag"], bias + offsets["bias"]
+            lower, upper, log_diag, bias = self.hyper.shifted(
+                context, lower=lower, upper=upper, log_diag=log_diag, bias=bias
+            )
         eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
         lower = lower.tril(-1) + eye
         upper = upper.triu(1) + torch.diag_embed(log_diag.exp())

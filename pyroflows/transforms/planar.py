@@ -76,8 +76,7 @@ class Planar(Flow):
         x, context = broadcast_context(x, context, self.context_features)
         u, w, b = self.u, self.w, self.b
         if context is not None:
-            offsets = self.hyper(context)
-            u, w, b = u + offsets["u"], w + offsets["w"], b + offsets["b"]
+            u, w, b = self.hyper.shifted(context, u=u, w=w, b=b)
         wu = (w * u).sum(-1)
         c = above_minus_one(wu)
         u_hat = u + ((c - wu) / (w * w).sum(-1).clamp_min(1e-12)).unsqueeze(-1) * w

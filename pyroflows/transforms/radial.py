@@ -71,10 +71,9 @@ class Radial(Flow):
         x, context = broadcast_context(x, context, self.context_features)
         z0, alpha_raw, beta_raw = self.z0, self.alpha_raw, self.beta_raw
         if context is not None:
-            offsets = self.hyper(context)
-            z0 = z0 + offsets["z0"]
-            alpha_raw = alpha_raw + offsets["alpha_raw"]
-            beta_raw = beta_raw + offsets["beta_raw"]
+            z0, alpha_raw, beta_raw = self.hyper.shifted(
+                context, z0=z0, alpha_raw=alpha_raw, beta_raw=beta_raw
+            )
         alpha = F.softplus(alpha_raw)
         return x, z0, alpha, alpha * above_minus_one(beta_raw)
 

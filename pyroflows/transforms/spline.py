@@ -91,13 +91,14 @@ class RationalQuadratic:
         """Per entry: the bin's left x-knot, width, left y-knot, height and end derivatives.
 
         The bin is looked up in the knots' ``axis`` (0: x, 1: y), and all six values come
-        from one gather.
+        from one gather of the bin's two ends in each row of the knots.
         """
-        k = self.bins
         edges = knots[..., axis, 1:-1].contiguous()
         index = torch.searchsorted(edges, v.unsqueeze(-1).contiguous())
-        shifts = torch.tensor([0, 1, k + 1, k + 2, 2 * k + 2, 2 * k + 3], device=v.device)
-        x0, x1, y0, y1, d0, d1 = knots.flatten(-2).gather(-1, index + shifts).unbind(-1)
+        ends = torch.cat([index, index + 1], dim=-1).unsqueeze(-2).expand(*index.shape[:-1], 3, 2)
+        (x0, x1), (y0, y1), (d0, d1) = (
+            row.unbind(-1) for row in knots.gather(-1, ends).unbind(-2)
+        )
         return x0, x1 - x0, y0, y1 - y0, d0, d1
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:

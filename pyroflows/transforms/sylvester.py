@@ -86,9 +86,7 @@ class Sylvester(Flow):
         x, context = broadcast_context(x, context, self.context_features)
         v, r, r_tilde, b = self.v, self.r, self.r_tilde, self.b
         if context is not None:
-            offsets = self.hyper(context)
-            v, r, b = v + offsets["v"], r + offsets["r"], b + offsets["b"]
-            r_tilde = r_tilde + offsets["r_tilde"]
+            v, r, r_tilde, b = self.hyper.shifted(context, v=v, r=r, r_tilde=r_tilde, b=b)
         q = torch.eye(self.dim, dtype=x.dtype, device=x.device).expand(*v.shape[:-2], -1, -1)
         for k in range(v.shape[-2]):
             vk = v[..., k, :]
