@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from pyro.distributions import TorchDistribution
 from torch import Tensor, nn
-from torch.distributions import Distribution, constraints
+from torch.distributions import Distribution, Independent, Normal, constraints
 
 from pyroflows.transforms.base import Conditioned, Flow
 from pyroflows.transforms.packed import Packed
@@ -39,12 +39,19 @@ class FlowDistribution(TorchDistribution):
     differentiate it with respect to parameters, not with respect to the value.
 
     With ``stl=True`` the log-density of a draw is computed with the flow's parameters held
-    fixed (one extra inverse pass), so that its gradient reaches the parameters only
-    through the draw: the path-derivative ("sticking the landing") estimator of Roeder et
-    al. (2017). Its value is unchanged; the score term it drops has expectation zero, and
-    what remains of the reverse-KL gradient is exactly zero for every draw when the flow
-    equals the target. (It is unbiased for the ELBO, not for importance-weighted bounds
-    such as Renyi's.) The base distribution is then taken to have no learnable parameters.
+    fixed, so that its gradient reaches the parameters (and a context) only through the
+    draw: the path-derivative ("sticking the landing") estimator of Roeder et al. (2017).
+    Its value is unchanged; the score term it drops has expectation zero, and what remains
+    of the reverse-KL gradient is exactly zero for every draw when the flow equals the
+    target. (It is unbiased for the ELBO, not for importance-weighted bounds such as
+    Renyi's.) The base distribution is then taken to have no learnable parameters. For a
+    flow that pushes scores forward in closed form (``analytic_score``: planar stacks, and
+    the guides' affine part) and a normal base, the held-fixed log-density is the draw
+    times :math:`\nabla_y \log q(y)`, computed alongside the draw without autograd
+    (:meth:`~pyroflows.transforms.Flow.forward_and_score`), and costs little; for other
+    flows it is one extra inverse pass, told the base draw
+    (:meth:`~pyroflows.transforms.Flow.inverse_and_log_det_given`, so that Sylvester
+    layers take one Newton step each instead of a root search).
 
     Example:
         >>> import torch, pyro.distributions as dist, pyroflows
@@ -111,7 +118,9 @@ class FlowDistribution(TorchDistribution):
         """Draw reparametrised samples and their log-density with one forward pass."""
         x = self.base.rsample(sample_shape)
         y, ladj = self.transform.forward_and_log_det(x)
-        log_q = self._fixed_log_prob(y) if self.stl else self.base.log_prob(x) - ladj
+        log_q = self.base.log_prob(x) - ladj
+        if self.stl:
+            log_q = self._path_log_prob(x, y, log_q)
         self._last_draw = (y, log_q, self._versions())
         return y, log_q
 
@@ -124,14 +133,28 @@ class FlowDistribution(TorchDistribution):
         x, ladj = self.transform.inverse_and_log_det(value)
         return self.base.log_prob(x) + ladj
 
-    def _fixed_log_prob(self, y: Tensor) -> Tensor:
-        """``log q(y)`` by an inverse pass with the flow's parameters detached."""
+    def _path_log_prob(self, x: Tensor, y: Tensor, log_q: Tensor) -> Tensor:
+        r"""``log q(y)`` for the draw ``y = f(x)``, differentiable only through ``y``.
+
+        Where the flow pushes scores forward in closed form and the base is normal, this is
+        ``log_q`` plus :math:`s^\top (y - \bar y)`, zero in value, with :math:`s = \nabla_y
+        \log q(y)` held fixed; else an inverse pass with the parameters held fixed.
+        """
+        score = _normal_score(self.base, x)
+        if score is None or not self.transform.analytic_score:
+            return self._fixed_log_prob(y, x)
+        _, score = self.transform.forward_and_score(x.detach(), score)
+        return log_q.detach() + (score * (y - y.detach())).sum(-1)
+
+    def _fixed_log_prob(self, y: Tensor, x: Tensor) -> Tensor:
+        """``log q(y)`` by an inverse pass with the flow's parameters detached, for the
+        draw ``y = f(x)`` (so that numerical inverses need no root search)."""
         transform = self.transform
         if not isinstance(transform, Packed):
-            return _FixedParameters(self).log_prob(y)
+            return _FixedParameters(self).log_prob(y, x)
         held, transform.held = transform.held, transform.flat.numel()  # works under JIT too
         try:
-            x, ladj = transform.inverse_and_log_det(y)
+            x, ladj = transform.inverse_and_log_det_given(y, x)
         finally:
             transform.held = held
         return self.base.log_prob(x) + ladj
@@ -139,6 +162,15 @@ class FlowDistribution(TorchDistribution):
     def _versions(self) -> tuple[int, ...]:
         tensors = [*self.transform.parameters(), *self.transform.buffers()]
         return tuple(t._version for t in tensors)
+
+
+def _normal_score(base: Distribution, x: Tensor) -> Tensor | None:
+    r""":math:`\nabla \log p_0(x)` for a normal base distribution, else ``None``."""
+    while isinstance(base, Independent):
+        base = base.base_dist
+    if not isinstance(base, Normal):
+        return None
+    return ((base.loc - x) / base.scale**2).detach()
 
 
 class _FixedParameters(nn.Module):
@@ -149,10 +181,10 @@ class _FixedParameters(nn.Module):
         self.transform = q.transform
         self.base = q.base
 
-    def forward(self, y: Tensor) -> Tensor:
-        x, ladj = self.transform.inverse_and_log_det(y)
+    def forward(self, y: Tensor, x: Tensor) -> Tensor:
+        x, ladj = self.transform.inverse_and_log_det_given(y, x)
         return self.base.log_prob(x) + ladj
 
-    def log_prob(self, y: Tensor) -> Tensor:
+    def log_prob(self, y: Tensor, x: Tensor) -> Tensor:
         fixed = {name: p.detach() for name, p in self.named_parameters()}
-        return torch.func.functional_call(self, fixed, (y,))
+        return torch.func.functional_call(self, fixed, (y, x))

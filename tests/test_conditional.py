@@ -75,6 +75,18 @@ def test_round_trip_and_the_context_is_used(name, device):
     x_back, ladj_back = flow.inverse_and_log_det(y, context=c1)
     torch.testing.assert_close(x_back, x)
     torch.testing.assert_close(ladj_back, -ladj)
+    # told its answer, the inverse has the exact inverse's value and derivatives in y
+    y = y.detach().requires_grad_(True)
+    weights = randn(5, DIM + 1, device=device)
+    grads = []
+    for x_out, ladj_out in (
+        flow.inverse_and_log_det(y, context=c1),
+        flow.inverse_and_log_det_given(y, x, context=c1),
+    ):
+        loss = (weights[:, :DIM] * x_out).sum() + (weights[:, DIM] * ladj_out).sum()
+        grads.append(torch.autograd.grad(loss, y)[0])
+    torch.testing.assert_close(flow.inverse_and_log_det_given(y, x, context=c1)[0], x)
+    torch.testing.assert_close(grads[1], grads[0])
     assert not torch.allclose(flow.forward_and_log_det(x, context=c2)[0], y)
     # Every output entry depends on the context (the first of an autoregressive order too),
     # and gradients reach it (amortised inference trains an encoder through it).
@@ -121,6 +133,9 @@ def test_flow_distribution_of_a_conditioned_flow(name, device):
     assert y.shape == (6, 4, DIM)
     x, ladj = flow.inverse_and_log_det(y, context=context)
     torch.testing.assert_close(q.log_prob(y), base.log_prob(x) + ladj)
+    y, log_q = FlowDistribution(base, flow.condition(context), stl=True).rsample_and_log_prob((6,))
+    x, ladj = flow.inverse_and_log_det(y, context=context)
+    torch.testing.assert_close(log_q, base.log_prob(x) + ladj)
 
 
 def test_misuse_is_refused_with_a_clear_error(device):

@@ -100,6 +100,57 @@ def test_inverse_round_trip(name, dim, device):
     torch.testing.assert_close(flow.forward_and_log_det(flow.inverse_and_log_det(y2)[0])[0], y2)
 
 
+def test_inverse_given_the_input_has_the_inverse_jacobian(name, device):
+    """The inverse told its answer: that value, and the derivatives of the exact inverse."""
+    flow = make_flow(name, 3, device)
+    if flow.inverse_method == "unavailable":
+        pytest.skip(f"{name} has no inverse")
+    x = torch.randn(4, 3, device=device, dtype=torch.float64)
+    y, ladj = flow.forward_and_log_det(x)
+    x_given, ladj_given = flow.inverse_and_log_det_given(y, x)
+    torch.testing.assert_close(x_given, x)
+    torch.testing.assert_close(ladj_given, -ladj)
+    for row in range(len(x)):  # d x / d y is the inverse of the forward Jacobian, by math
+        forward_jac = torch.autograd.functional.jacobian(
+            lambda v: flow.forward_and_log_det(v)[0], x[row]
+        )
+        given_jac = torch.autograd.functional.jacobian(
+            lambda v, row=row: flow.inverse_and_log_det_given(v, x[row])[0], y[row].detach()
+        )
+        torch.testing.assert_close(given_jac, torch.linalg.inv(forward_jac))
+    # and the parameter gradients of the exact inverse (the implicit function theorem)
+    params = [p for p in flow.parameters() if p.requires_grad]
+    weights = torch.randn(4, 4, device=device, dtype=torch.float64)
+    y = y.detach()
+
+    def gradient(x_out, ladj_out):
+        loss = (weights[:, :3] * x_out).sum() + (weights[:, 3] * ladj_out).sum()
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    exact = gradient(*flow.inverse_and_log_det(y))
+    given = gradient(*flow.inverse_and_log_det_given(y, x))
+    for e, g in zip(exact, given, strict=True):
+        assert (e is None) == (g is None)
+        if e is not None:
+            torch.testing.assert_close(g, e)
+
+
+def test_forward_and_score_is_the_gradient_of_the_log_density(name, device):
+    """The score pushed through the flow equals autograd's gradient of log q at the draw."""
+    flow = make_flow(name, 3, device)
+    if flow.inverse_method == "unavailable":
+        pytest.skip(f"{name} has no inverse")
+    base = standard_normal(3, device)
+    q = FlowDistribution(base, flow)
+    x = torch.randn(5, 3, device=device, dtype=torch.float64)
+    y, score = flow.forward_and_score(x, -x)  # the standard normal's score
+    torch.testing.assert_close(y, flow.forward_and_log_det(x)[0])
+    y = y.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(q.log_prob(y).sum(), y)
+    torch.testing.assert_close(score, expected)
+    assert not score.requires_grad
+
+
 def test_torch_transform_api_agrees_with_primitives(name, device):
     flow = make_flow(name, 3, device)
     x = torch.randn(6, 3, device=device, dtype=torch.float64)

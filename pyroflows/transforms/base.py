@@ -22,7 +22,7 @@ fixes the context and returns an ordinary flow.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -67,6 +67,8 @@ class Flow(TransformModule):
     fast_inverse: bool = True
     #: size of the context vector a conditional layer reads (0: not conditional)
     context_features: int = 0
+    #: whether :meth:`forward_and_score` is written out rather than taken by autograd
+    analytic_score: bool = False
 
     def __init__(self, dim: int) -> None:
         super().__init__(cache_size=0)
@@ -79,6 +81,47 @@ class Flow(TransformModule):
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``x = f^{-1}(y)`` and ``log|det J_{f^{-1}}(y)|``."""
         raise NotInvertibleError(f"{type(self).__name__} has no inverse direction")
+
+    def inverse_and_log_det_given(
+        self, y: Tensor, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r""":meth:`inverse_and_log_det` of ``y`` when its value ``x`` is already known.
+
+        ``x`` must equal :math:`f^{-1}(y)` to rounding, e.g. the input of the forward pass
+        that made ``y``; it is read without gradient. The result has the value of ``x`` and
+        the derivatives of the inverse (with respect to ``y`` and the parameters). Layers
+        with a numerical inverse use ``x`` to skip their root search: one Newton step from
+        the root gives the exact value and, by the implicit function theorem, the exact
+        derivatives. This is what a path-derivative gradient needs of a draw just made
+        (:class:`~pyroflows.FlowDistribution` with ``stl=True``). By default ``x`` is
+        ignored.
+        """
+        return call_with_context(self.inverse_and_log_det, y, context, self.context_features)
+
+    def forward_and_score(
+        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""``y = f(x)`` and the score of the pushed-forward density at ``y``, no gradients.
+
+        If :math:`X` has density :math:`q_X` with score :math:`s = \nabla \log q_X(x)`,
+        then :math:`Y = f(X)` has
+
+        .. math:: \nabla \log q_Y(y) = J_f(x)^{-\top}\big(s - \nabla_x \log|\det J_f(x)|\big).
+
+        Pushed through a whole flow from the base density's score, this is
+        :math:`\nabla_y \log q(y)` at a draw, all in the sampling direction: what the
+        path-derivative gradient needs (:class:`~pyroflows.FlowDistribution` with
+        ``stl=True``). Layers with ``analytic_score = True`` write it out; by default it
+        is the gradient in ``y`` of :math:`s^\top f^{-1}(y) + \log|\det J_{f^{-1}}(y)|`,
+        by autograd through :meth:`inverse_and_log_det_given`.
+        """
+        with torch.no_grad():
+            y = call_with_context(self.forward_and_log_det, x, context, self.context_features)[0]
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_(True)
+            x_, ladj = self.inverse_and_log_det_given(y_, x, context)
+            (pushed,) = torch.autograd.grad((score * x_).sum() + ladj.sum(), y_)
+        return y, pushed
 
     # torch's Transform API, derived from the two primitives.
     def _call(self, x: Tensor) -> Tensor:
@@ -155,15 +198,18 @@ class FlowStack(Flow):
     def fast_inverse(self) -> bool:  # type: ignore[override]
         return all(layer.fast_inverse for layer in self.layers)
 
+    @property
+    def analytic_score(self) -> bool:  # type: ignore[override]
+        return all(layer.analytic_score for layer in self.layers)
+
     def forward_and_log_det(
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         total = torch.zeros((), dtype=x.dtype, device=x.device)
         for layer in self.layers:
-            if layer.context_features:
-                x, ladj = layer.forward_and_log_det(x, context=context)
-            else:
-                x, ladj = layer.forward_and_log_det(x)
+            x, ladj = call_with_context(
+                layer.forward_and_log_det, x, context, layer.context_features
+            )
             total = total + ladj
         return x, total.expand(x.shape[:-1])
 
@@ -172,12 +218,41 @@ class FlowStack(Flow):
     ) -> tuple[Tensor, Tensor]:
         total = torch.zeros((), dtype=y.dtype, device=y.device)
         for layer in reversed(self.layers):
-            if layer.context_features:
-                y, ladj = layer.inverse_and_log_det(y, context=context)
-            else:
-                y, ladj = layer.inverse_and_log_det(y)
+            y, ladj = call_with_context(
+                layer.inverse_and_log_det, y, context, layer.context_features
+            )
             total = total + ladj
         return y, total.expand(y.shape[:-1])
+
+    def inverse_and_log_det_given(
+        self, y: Tensor, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Each layer's inverse given its input, recomputed from ``x`` without gradient.
+
+        A stack whose layers all invert in closed form just inverts.
+        """
+        if self.inverse_method == "analytic":
+            return self.inverse_and_log_det(y, context)
+        inputs = [x.detach()]
+        with torch.no_grad():
+            for layer in self.layers[:-1]:
+                inputs.append(
+                    call_with_context(
+                        layer.forward_and_log_det, inputs[-1], context, layer.context_features
+                    )[0]
+                )
+        total = torch.zeros((), dtype=y.dtype, device=y.device)
+        for layer, known in zip(reversed(self.layers), reversed(inputs), strict=True):
+            y, ladj = layer.inverse_and_log_det_given(y, known, context)
+            total = total + ladj
+        return y, total.expand(y.shape[:-1])
+
+    def forward_and_score(
+        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        for layer in self.layers:
+            x, score = layer.forward_and_score(x, score, context)
+        return x, score
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -222,11 +297,36 @@ class Conditioned(Flow):
     def fast_inverse(self) -> bool:  # type: ignore[override]
         return self.flow.fast_inverse
 
+    @property
+    def analytic_score(self) -> bool:  # type: ignore[override]
+        return self.flow.analytic_score
+
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.flow.forward_and_log_det(x, context=self.context)
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return self.flow.inverse_and_log_det(y, context=self.context)
+
+    def inverse_and_log_det_given(
+        self, y: Tensor, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.flow.inverse_and_log_det_given(y, x, self.context)
+
+    def forward_and_score(
+        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.flow.forward_and_score(x, score, self.context)
+
+
+def call_with_context(
+    method: Callable[..., tuple[Tensor, Tensor]],
+    value: Tensor,
+    context: Tensor | None,
+    conditional: int,
+) -> tuple[Tensor, Tensor]:
+    """``method(value, context=context)`` for a conditional layer, else ``method(value)``
+    (an unconditional layer's primitives take no context)."""
+    return method(value, context=context) if conditional else method(value)
 
 
 def broadcast_context(

@@ -123,6 +123,8 @@ class CholeskyAffine(Flow):
         True
     """
 
+    analytic_score = True
+
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
         self.lower = nn.Parameter(torch.zeros(dim, dim))
@@ -137,6 +139,17 @@ class CholeskyAffine(Flow):
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y = x @ self.scale_tril().T + self.bias
         return y, self.log_scale.sum().expand(x.shape[:-1])
+
+    def forward_and_score(
+        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""The score maps to :math:`(DL)^{-\top} s`: one triangular solve."""
+        with torch.no_grad():
+            tril = self.scale_tril()
+            rows = score.expand(x.shape).reshape(-1, self.dim)
+            # Row vectors: s_y^T = s^T (DL)^{-1}, a lower-triangular system from the right.
+            pushed = torch.linalg.solve_triangular(tril, rows, upper=False, left=False)
+            return x @ tril.T + self.bias, pushed.reshape(x.shape)
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         rows = (y - self.bias).reshape(-1, self.dim)

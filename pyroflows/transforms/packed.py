@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pyroflows.transforms.base import Flow, Method
+from pyroflows.transforms.base import Flow, Method, call_with_context
 
 
 class Packed(Flow):
@@ -70,6 +70,10 @@ class Packed(Flow):
     def fast_inverse(self) -> bool:  # type: ignore[override]
         return self._flow[0].fast_inverse
 
+    @property
+    def analytic_score(self) -> bool:  # type: ignore[override]
+        return self._flow[0].analytic_score
+
     def _load(self) -> Flow:
         """Point every parameter and buffer of the wrapped flow at this wrapper's tensors."""
         flat = self.flat
@@ -89,17 +93,23 @@ class Packed(Flow):
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         flow = self._load()
-        if flow.context_features:
-            return flow.forward_and_log_det(x, context=context)
-        return flow.forward_and_log_det(x)
+        return call_with_context(flow.forward_and_log_det, x, context, flow.context_features)
 
     def inverse_and_log_det(
         self, y: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         flow = self._load()
-        if flow.context_features:
-            return flow.inverse_and_log_det(y, context=context)
-        return flow.inverse_and_log_det(y)
+        return call_with_context(flow.inverse_and_log_det, y, context, flow.context_features)
+
+    def inverse_and_log_det_given(
+        self, y: Tensor, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self._load().inverse_and_log_det_given(y, x, context)
+
+    def forward_and_score(
+        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self._load().forward_and_score(x, score, context)
 
     def train(self, mode: bool = True) -> Packed:
         self._flow[0].train(mode)

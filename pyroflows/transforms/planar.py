@@ -36,6 +36,8 @@ class Planar(Flow):
     :math:`a + c \tanh(a + b) = t`, a strictly increasing scalar equation whose root lies in
     :math:`[t - |c|, t + |c|]`; it is solved by safeguarded Newton iteration
     (:mod:`pyroflows.transforms.roots`), and then :math:`z = y - \hat u \tanh(a + b)`.
+    Given :math:`z` already (:meth:`~pyroflows.transforms.Flow.inverse_and_log_det_given`),
+    one Newton step from its :math:`a` replaces the search.
     Pyro's planar layer has no inverse and can only score its own cached samples.
 
     With ``context=k`` the layer is conditional: a hypernetwork (:class:`~pyroflows.nn.Hypernet`
@@ -60,6 +62,7 @@ class Planar(Flow):
 
     forward_method = "analytic"
     inverse_method = "numerical"
+    analytic_score = True
 
     def __init__(self, dim: int, context: int = 0, hidden: Sequence[int] = (64, 64)) -> None:
         super().__init__(dim)
@@ -90,9 +93,37 @@ class Planar(Flow):
         y = x + h.unsqueeze(-1) * u_hat
         return y, torch.log1p(c * (1 - h**2))
 
+    def forward_and_score(
+        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""With :math:`h = \tanh(w^\top x + b)` and :math:`h' = 1 - h^2`, the log-det's
+        gradient is :math:`-2 c h h' w / (1 + c h')`, and :math:`J^\top = I + h' w \hat
+        u^\top` inverts by Sherman-Morrison: :math:`J^{-\top} r = r - h' w \,(\hat u^\top
+        r) / (1 + c h')`."""
+        with torch.no_grad():
+            x, u_hat, w, b, c = self._params(x, context)
+            h = torch.tanh((x * w).sum(-1) + b)
+            slope = 1 - h**2
+            det = 1 + c * slope
+            r = score + (2 * c * h * slope / det).unsqueeze(-1) * w
+            pushed = r - (slope * (u_hat * r).sum(-1) / det).unsqueeze(-1) * w
+            return x + h.unsqueeze(-1) * u_hat, pushed
+
     def inverse_and_log_det(
         self, y: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
+        return self._invert(y, context)
+
+    def inverse_and_log_det_given(
+        self, y: Tensor, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self._invert(y, context, x)
+
+    def _invert(
+        self, y: Tensor, context: Tensor | None, known: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The inverse, by root search, or by one Newton step from ``known``'s
+        :math:`a = w^\top z`."""
         y, u_hat, w, b, c = self._params(y, context)
         t = (y * w).sum(-1)
 
@@ -100,7 +131,8 @@ class Planar(Flow):
             h = torch.tanh(a + b)
             return a + c * h, 1 + c * (1 - h**2)
 
-        a = solve_increasing(lhs, t, t - c.abs(), t + c.abs())
+        start = None if known is None else (known * w.detach()).sum(-1)
+        a = solve_increasing(lhs, t, t - c.abs(), t + c.abs(), start=start)
         h = torch.tanh(a + b)
         return y - h.unsqueeze(-1) * u_hat, -torch.log1p(c * (1 - h**2))
 

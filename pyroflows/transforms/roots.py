@@ -11,7 +11,9 @@ One last Newton step is then taken with gradients on,
 
 whose derivative at the root is the implicit-function-theorem derivative
 :math:`\partial a / \partial \theta = -(\partial g/\partial \theta) / g'(a)`, and
-:math:`\partial a / \partial t = 1 / g'(a)`.
+:math:`\partial a / \partial t = 1 / g'(a)`. When the root is already known (a flow that
+has just computed :math:`y = f(x)` knows the preimage of :math:`y`), ``start=`` skips the
+search, and that one Newton step alone gives the same value and derivatives.
 """
 
 from __future__ import annotations
@@ -25,12 +27,19 @@ ValueAndSlope = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def solve_increasing(
-    fn: ValueAndSlope, target: Tensor, lo: Tensor, hi: Tensor, iterations: int = 64
+    fn: ValueAndSlope,
+    target: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    iterations: int = 64,
+    *,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Solve ``fn(a)[0] == target`` elementwise for ``a`` in ``[lo, hi]``.
 
     ``fn`` returns the value and the derivative of a strictly increasing function; its
     parameters may require gradients, which reach the result through the final Newton step.
+    ``start``, if given, must be the root already (to rounding): the search is skipped.
 
     Example:
         >>> import torch
@@ -41,6 +50,13 @@ def solve_increasing(
         >>> a
         tensor([1., 2.], dtype=torch.float64)
     """
+    a = _search(fn, target, lo, hi, iterations) if start is None else start.detach()
+    value, slope = fn(a)
+    return a - (value - target) / slope
+
+
+def _search(fn: ValueAndSlope, target: Tensor, lo: Tensor, hi: Tensor, iterations: int) -> Tensor:
+    """The root to rounding, by safeguarded Newton iteration without gradient tracking."""
     with torch.no_grad():
         target_ = target.detach()
         lo, hi = torch.broadcast_tensors(lo.detach(), hi.detach(), target_)[:2]
@@ -62,5 +78,4 @@ def solve_increasing(
             # Converged everywhere? Asked every 8 steps: one device synchronisation each.
             if iteration % 8 == 7 and bool((step.abs() <= tolerance * (1 + a.abs())).all()):
                 break
-    value, slope = fn(a)
-    return a - (value - target) / slope
+    return a

@@ -36,7 +36,8 @@ class Sylvester(Flow):
     entry, :math:`u_i + R_{ii} \tanh(\tilde R_{ii} u_i + c_i) = t_i`, whose root lies within
     :math:`|R_{ii}|` of :math:`t_i`; each is solved by safeguarded Newton iteration
     (:mod:`pyroflows.transforms.roots`), so the inverse costs :math:`d` batched root
-    searches. The forward (sampling) direction is one pass.
+    searches (given :math:`z` already, one Newton step each). The forward (sampling)
+    direction is one pass.
 
     With ``context=k`` a :class:`~pyroflows.nn.Hypernet` (zero at the start) adds
     context-dependent offsets to :math:`v_k, R, \tilde R, b`: one :math:`Q` and one pair
@@ -111,8 +112,22 @@ class Sylvester(Flow):
     def inverse_and_log_det(
         self, y: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
+        return self._invert(y, context)
+
+    def inverse_and_log_det_given(
+        self, y: Tensor, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self._invert(y, context, x)
+
+    def _invert(
+        self, y: Tensor, context: Tensor | None, known: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Back substitution, each entry by root search or by one Newton step from
+        ``known``'s :math:`u = Q^\top z`."""
         y, q, r, r_tilde, b, product = self._params(y, context)
         target = (y.unsqueeze(-2) @ q).squeeze(-2)  # u' = Q^T y, as rows
+        if known is not None:
+            known = (known.detach().unsqueeze(-2) @ q.detach()).squeeze(-2)
         u: list[Tensor] = [target[..., 0]] * self.dim
         h: list[Tensor] = [target[..., 0]] * self.dim
         for i in reversed(range(self.dim)):
@@ -126,7 +141,8 @@ class Sylvester(Flow):
                 tanh = torch.tanh(rt_ii * a + c)
                 return a + r_ii * tanh, 1 + r_ii * rt_ii * (1 - tanh**2)
 
-            u[i] = solve_increasing(lhs, t, t - r_ii.abs(), t + r_ii.abs())
+            start = None if known is None else known[..., i]
+            u[i] = solve_increasing(lhs, t, t - r_ii.abs(), t + r_ii.abs(), start=start)
             h[i] = torch.tanh(rt_ii * u[i] + c)
         hs = torch.stack(h, dim=-1)
         x = (torch.stack(u, dim=-1).unsqueeze(-2) @ q.mT).squeeze(-2)
