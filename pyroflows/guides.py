@@ -61,9 +61,9 @@ class AutoFlow(AutoContinuous):
     * ``stl=True`` scores each draw with the flow's parameters held fixed: the
       path-derivative ("sticking the landing") gradient (Roeder et al. 2017, see
       :class:`~pyroflows.FlowDistribution`), whose variance vanishes as the guide
-      approaches the posterior. It costs an inverse pass per step (a root search for
-      planar flows) and suits ``Trace_ELBO`` (not importance-weighted bounds such as
-      ``RenyiELBO``).
+      approaches the posterior. It costs a gradient-free forward pass per step for planar
+      flows and an inverse pass for the others, and suits ``Trace_ELBO`` (not
+      importance-weighted bounds such as ``RenyiELBO``).
 
     Sampling and scoring a draw cost one forward pass of the flow, for planar and radial
     flows too (see :class:`~pyroflows.FlowDistribution`). Actnorm layers skip their
