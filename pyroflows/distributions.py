@@ -150,13 +150,17 @@ class FlowDistribution(TorchDistribution):
         """``log q(y)`` by an inverse pass with the flow's parameters detached, for the
         draw ``y = f(x)`` (so that numerical inverses need no root search)."""
         transform = self.transform
-        if not isinstance(transform, Packed):
+        packs = [m for m in transform.modules() if isinstance(m, Packed)]
+        if sum(p.numel() for p in transform.parameters()) > sum(p.flat.numel() for p in packs):
             return _FixedParameters(self).log_prob(y, x)
-        held, transform.held = transform.held, transform.flat.numel()  # works under JIT too
+        held = [pack.held for pack in packs]
+        for pack in packs:  # works under JIT too
+            pack.held = True
         try:
             x, ladj = transform.inverse_and_log_det_given(y, x)
         finally:
-            transform.held = held
+            for pack, was in zip(packs, held, strict=True):
+                pack.held = was
         return self.base.log_prob(x) + ladj
 
     def _versions(self) -> tuple[int, ...]:

@@ -22,7 +22,7 @@ from torch.distributions import constraints, transform_to
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
 from pyroflows.registry import check_options
-from pyroflows.transforms import Flow, Packed
+from pyroflows.transforms import Flow, FlowStack, Packed
 from pyroflows.vi import posterior_flow
 
 
@@ -46,9 +46,9 @@ class AutoFlow(AutoContinuous):
     is any Gaussian, parametrised as in
     :class:`~pyro.infer.autoguide.AutoMultivariateNormal` (:math:`L = DL_1`, a positive
     diagonal times a unit lower-triangular factor), so it contains that guide; the flow
-    acts on standardised values. All parameters are packed into one tensor
-    (:class:`~pyroflows.transforms.Packed`), so a Pyro optimiser makes one step per SVI
-    step rather than one per layer weight.
+    acts on standardised values. The parameters are packed into two tensors, the flow's and
+    the Gaussian's (:class:`~pyroflows.transforms.Packed`), so a Pyro optimiser makes two
+    steps per SVI step rather than one per layer weight.
 
     Two options make flow guides as reliable as the Gaussian on near-Gaussian posteriors,
     where early steps otherwise bend the flow to chase a far-off mode and leave it in a
@@ -56,8 +56,11 @@ class AutoFlow(AutoContinuous):
 
     * ``warmup=n`` holds the flow at the identity for the first ``n`` guide calls that
       record gradients (SVI steps, with one particle or vectorised particles), so that
-      :math:`\mu, L` first fit the best Gaussian; the flow then refines it. (Not under
-      ``JitTrace_ELBO``, which runs the guide's Python once: refused there.)
+      :math:`\mu, L` first fit the best Gaussian; the flow then refines it. The flow's
+      tensor gets no gradient until then (not a zero one), so an optimiser starts its
+      state at the release: Adam's first steps are then as small as at any start, where
+      after a thousand zero gradients they would be several times the learning rate.
+      (Not under ``JitTrace_ELBO``, which runs the guide's Python once: refused there.)
     * ``stl=True`` scores each draw with the flow's parameters held fixed: the
       path-derivative ("sticking the landing") gradient (Roeder et al. 2017, see
       :class:`~pyroflows.FlowDistribution`), whose variance vanishes as the guide
@@ -131,10 +134,10 @@ class AutoFlow(AutoContinuous):
                         "sites with an amortised guide."
                     )
         init = self._init_loc()
-        flow = posterior_flow(self._flow_name, init, self._init_scale, **self._flow_options)
-        gaussian = sum(p.numel() for p in flow[-1].parameters())
-        self.transform = Packed(flow)
-        self._n_flow = self.transform.flat.numel() - gaussian  # the family's entries come first
+        family, affine = posterior_flow(
+            self._flow_name, init, self._init_scale, **self._flow_options
+        )
+        self.transform = FlowStack([Packed(family), Packed(affine)])
         self.register_buffer("_base_loc", torch.zeros_like(init))  # follows .to(device)
         self._dependent = _sites_with_dependent_support(self.model, self.prototype_trace)
 
@@ -184,7 +187,7 @@ class AutoFlow(AutoContinuous):
             )
         if torch.is_grad_enabled():
             self._calls += 1
-        self.transform.held = self._n_flow if self._calls <= self._warmup else 0
+        self.transform[0].held = self._calls <= self._warmup
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         result = {}

@@ -52,10 +52,11 @@ def fit_reverse_kl(
     score term :math:`\nabla_\theta \log q_\theta(z)` at fixed :math:`z`, whose expectation
     is zero; what remains is exactly zero for every draw when :math:`q = p`, so near the
     optimum its variance is far lower (Roeder et al. 2017). It costs an extra
-    gradient-free forward pass per step for planar flows, an inverse pass for the others. ``anneal > 0`` tempers the target as
-    :math:`\beta_t \log \tilde p` with :math:`\beta_t` rising linearly from 0.01 to 1 over
-    the first ``anneal`` steps, as in Rezende & Mohamed (2015, sec. 6.1). Device and dtype
-    are those of ``init_loc``, else ``device`` and ``dtype``.
+    gradient-free forward pass per step for planar flows, an inverse pass for the others.
+    ``anneal > 0`` tempers the target as :math:`\beta_t \log \tilde p` with
+    :math:`\beta_t` rising linearly from 0.01 to 1 over the first ``anneal`` steps, as in
+    Rezende & Mohamed (2015, sec. 6.1). Device and dtype are those of ``init_loc``, else
+    ``device`` and ``dtype``.
 
     Returns the fitted :class:`~pyroflows.FlowDistribution`, in evaluation mode.
 

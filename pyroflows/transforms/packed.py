@@ -23,8 +23,9 @@ class Packed(Flow):
     The wrapped flow is kept out of the module tree (its parameters would otherwise count
     twice); ``train``/``eval`` are passed on to it.
 
-    Setting ``held = n`` holds the first ``n`` entries of :math:`\theta` fixed: the flow
-    reads them detached, so they get zero gradient (``0``, the default, holds none).
+    Setting ``held = True`` holds :math:`\theta` fixed: the flow reads it detached, so it
+    is not in the autograd graph and gets no gradient at all (``.grad`` stays ``None``, and
+    a torch optimiser neither steps it nor starts its state).
 
     Example:
         >>> import torch, pyroflows
@@ -49,7 +50,7 @@ class Packed(Flow):
                 del module._parameters[name]
         self.flat = nn.Parameter(torch.cat(parts) if parts else torch.zeros(0))
         self._sizes = [math.prod(shape) for _, _, shape in self._slots]
-        self.held = 0
+        self.held = False
         self._buffer_slots: list[tuple[nn.Module, str]] = []
         for module in flow.modules():
             for name, buffer in list(module.named_buffers(recurse=False)):
@@ -76,9 +77,7 @@ class Packed(Flow):
 
     def _load(self) -> Flow:
         """Point every parameter and buffer of the wrapped flow at this wrapper's tensors."""
-        flat = self.flat
-        if self.held:
-            flat = torch.cat([flat[: self.held].detach(), flat[self.held :]])
+        flat = self.flat.detach() if self.held else self.flat
         for (module, name, shape), view in zip(self._slots, flat.split(self._sizes), strict=True):
             module.__dict__[name] = view.view(shape)
         for index, (module, name) in enumerate(self._buffer_slots):
