@@ -261,9 +261,10 @@ def test_warmup_holds_the_flow_at_the_identity_while_the_gaussian_fits(device):
 
 
 @pytest.mark.filterwarnings(*JIT_WARNINGS)
-def test_stl_guide_under_jit_gives_the_plain_stl_loss_and_gradients(device):
+@pytest.mark.parametrize("name", ["realnvp", "planar"])  # held inverse; closed-form score
+def test_stl_guide_under_jit_gives_the_plain_stl_loss_and_gradients(name, device):
     model = regression_model(device)
-    guide = AutoFlow(model, "realnvp", stl=True)
+    guide = AutoFlow(model, name, stl=True)
     guide()
     params = [pack.flat for pack in guide.transform]
     with torch.no_grad():

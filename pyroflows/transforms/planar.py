@@ -74,8 +74,8 @@ class Planar(Flow):
             self.hyper = Hypernet({"u": (dim,), "w": (dim,), "b": ()}, context, hidden)
 
     def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
-        """``x`` broadcast against the context, :math:`\\hat u`, :math:`w`, :math:`b` and
-        :math:`c = w^\top \\hat u` (per context row for a conditional layer)."""
+        r"""``x`` broadcast against the context, :math:`\hat u`, :math:`w`, :math:`b` and
+        :math:`c = w^\top \hat u` (per context row for a conditional layer)."""
         x, context = broadcast_context(x, context, self.context_features)
         u, w, b = self.u, self.w, self.b
         if context is not None:
@@ -112,18 +112,13 @@ class Planar(Flow):
     def inverse_and_log_det(
         self, y: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        return self._invert(y, context)
+        return self.inverse_and_log_det_given(y, None, context)
 
     def inverse_and_log_det_given(
-        self, y: Tensor, x: Tensor, context: Tensor | None = None
+        self, y: Tensor, x: Tensor | None, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        return self._invert(y, context, x)
-
-    def _invert(
-        self, y: Tensor, context: Tensor | None, known: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """The inverse, by root search, or by one Newton step from ``known``'s
-        :math:`a = w^\top z`."""
+        r"""The inverse, by root search, or (``x`` given) by one Newton step from its
+        :math:`a = w^\top x`."""
         y, u_hat, w, b, c = self._params(y, context)
         t = (y * w).sum(-1)
 
@@ -131,7 +126,7 @@ class Planar(Flow):
             h = torch.tanh(a + b)
             return a + c * h, 1 + c * (1 - h**2)
 
-        start = None if known is None else (known * w.detach()).sum(-1)
+        start = None if x is None else (x.detach() * w.detach()).sum(-1)
         a = solve_increasing(lhs, t, t - c.abs(), t + c.abs(), start=start)
         h = torch.tanh(a + b)
         return y - h.unsqueeze(-1) * u_hat, -torch.log1p(c * (1 - h**2))

@@ -66,7 +66,7 @@ class Radial(Flow):
             self.hyper = Hypernet(shapes, context, hidden)
 
     def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
-        """``x`` broadcast against the context, :math:`z_0`, :math:`\alpha`, :math:`\beta`
+        r"""``x`` broadcast against the context, :math:`z_0`, :math:`\alpha`, :math:`\beta`
         (per context row for a conditional layer)."""
         x, context = broadcast_context(x, context, self.context_features)
         z0, alpha_raw, beta_raw = self.z0, self.alpha_raw, self.beta_raw

@@ -81,7 +81,7 @@ class Sylvester(Flow):
             self.hyper = Hypernet(shapes, context, hidden)
 
     def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
-        """``x`` broadcast against the context; :math:`Q`, :math:`R` with its corrected
+        r"""``x`` broadcast against the context; :math:`Q`, :math:`R` with its corrected
         diagonal, :math:`\tilde R`, :math:`b` and the diagonal products (per context row, as
         batches of matrices, for a conditional layer)."""
         x, context = broadcast_context(x, context, self.context_features)
@@ -112,22 +112,16 @@ class Sylvester(Flow):
     def inverse_and_log_det(
         self, y: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        return self._invert(y, context)
+        return self.inverse_and_log_det_given(y, None, context)
 
     def inverse_and_log_det_given(
-        self, y: Tensor, x: Tensor, context: Tensor | None = None
+        self, y: Tensor, x: Tensor | None, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        return self._invert(y, context, x)
-
-    def _invert(
-        self, y: Tensor, context: Tensor | None, known: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Back substitution, each entry by root search or by one Newton step from
-        ``known``'s :math:`u = Q^\top z`."""
+        r"""Back substitution, each entry by root search or (``x`` given) by one Newton
+        step from :math:`u = Q^\top x`."""
         y, q, r, r_tilde, b, product = self._params(y, context)
         target = (y.unsqueeze(-2) @ q).squeeze(-2)  # u' = Q^T y, as rows
-        if known is not None:
-            known = (known.detach().unsqueeze(-2) @ q.detach()).squeeze(-2)
+        known = None if x is None else (x.detach().unsqueeze(-2) @ q.detach()).squeeze(-2)
         u: list[Tensor] = [target[..., 0]] * self.dim
         h: list[Tensor] = [target[..., 0]] * self.dim
         for i in reversed(range(self.dim)):
