@@ -151,7 +151,7 @@ class FlowDistribution(TorchDistribution):
         draw ``y = f(x)`` (so that numerical inverses need no root search)."""
         transform = self.transform
         packs = [m for m in transform.modules() if isinstance(m, Packed)]
-        if sum(p.numel() for p in transform.parameters()) > sum(p.flat.numel() for p in packs):
+        if len(list(transform.parameters())) > len(packs):  # some not packed: one flat each
             return _FixedParameters(self).log_prob(y, x)
         held = [pack.held for pack in packs]
         for pack in packs:  # works under JIT too

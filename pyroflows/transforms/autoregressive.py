@@ -3,6 +3,7 @@ r"""Masked autoregressive flows (MAF) and inverse autoregressive flows (IAF)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -111,29 +112,21 @@ def layer_orders(dim: int, layers: int, kind: str) -> list[Tensor]:
     return [forward if k % 2 == 0 else forward.flip(0) for k in range(layers)]
 
 
-def _stack(
-    conditioner: str,
+def autoregressive_stack(
     dim: int,
+    transformer: Elementwise,
+    *,
+    conditioner: str,
     layers: int,
-    hidden: Sequence[int],
-    activation: str,
     order: str,
-    clamp: float,
-    context: int,
-    residual: bool,
+    **options: Any,
 ) -> FlowStack:
+    """``layers`` :class:`Autoregressive` layers of one ``transformer``, with orders from
+    :func:`layer_orders`; ``options`` (``hidden``, ``activation``, ``context``,
+    ``residual``) go to each layer."""
     check_positive_int("layers", layers)
     return FlowStack(
-        Autoregressive(
-            dim,
-            Affine(clamp),
-            conditioner=conditioner,
-            order=o,
-            hidden=hidden,
-            activation=activation,
-            context=context,
-            residual=residual,
-        )
+        Autoregressive(dim, transformer, conditioner=conditioner, order=o, **options)
         for o in layer_orders(dim, layers, order)
     )
 
@@ -162,7 +155,17 @@ def maf(
         >>> len(pyroflows.build("maf", 5, layers=3))
         3
     """
-    return _stack("data", dim, layers, hidden, activation, order, clamp, context, residual)
+    return autoregressive_stack(
+        dim,
+        Affine(clamp),
+        conditioner="data",
+        layers=layers,
+        order=order,
+        hidden=hidden,
+        activation=activation,
+        context=context,
+        residual=residual,
+    )
 
 
 @register_flow("iaf")
@@ -187,4 +190,14 @@ def iaf(
         >>> len(pyroflows.build("iaf", 5, layers=3))
         3
     """
-    return _stack("base", dim, layers, hidden, activation, order, clamp, context, residual)
+    return autoregressive_stack(
+        dim,
+        Affine(clamp),
+        conditioner="base",
+        layers=layers,
+        order=order,
+        hidden=hidden,
+        activation=activation,
+        context=context,
+        residual=residual,
+    )

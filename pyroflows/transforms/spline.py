@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.registry import register_flow
-from pyroflows.transforms.autoregressive import Autoregressive, layer_orders
+from pyroflows.transforms.autoregressive import autoregressive_stack
 from pyroflows.transforms.base import FlowStack
 from pyroflows.transforms.coupling import Coupling, coupling_masks
 from pyroflows.transforms.elementwise import Inverted
@@ -199,18 +199,14 @@ def nsf_ar(
         >>> len(pyroflows.build("nsf_ar", 4, layers=2))
         2
     """
-    check_positive_int("layers", layers)
-    spline = Inverted(RationalQuadratic(bins, bound))  # closed form on the density pass
-    return FlowStack(
-        Autoregressive(
-            dim,
-            spline,
-            conditioner="data",
-            order=o,
-            hidden=hidden,
-            activation=activation,
-            context=context,
-            residual=residual,
-        )
-        for o in layer_orders(dim, layers, order)
+    return autoregressive_stack(
+        dim,
+        Inverted(RationalQuadratic(bins, bound)),  # closed form on the density pass
+        conditioner="data",
+        layers=layers,
+        order=order,
+        hidden=hidden,
+        activation=activation,
+        context=context,
+        residual=residual,
     )
