@@ -45,7 +45,7 @@ from common import timed
 from sklearn.datasets import load_breast_cancer, load_digits
 
 import pyroflows
-from pyroflows.baselines import gaussian_loglik, mixture_loglik
+from pyroflows.density.baselines import gaussian_loglik, mixture_loglik
 
 # --------------------------------------------------------------------------- data
 

@@ -41,8 +41,8 @@ from pyro.infer.autoguide import (
 from pyro.optim import Adam
 
 import pyroflows
-from pyroflows.diagnostics import psis_khat, to_inference_data
-from pyroflows.targets import ENERGIES, energy_log_density, grid_log_normalizer
+from pyroflows.inference.diagnostics import psis_khat, to_inference_data
+from pyroflows.inference.targets import ENERGIES, energy_log_density, grid_log_normalizer
 
 GuideMaker = Callable[[Callable], pyro.infer.autoguide.AutoGuide]
 

@@ -6,13 +6,12 @@ Flow families are Pyro ``TransformModule`` stacks, registered by name::
     flow = pyroflows.build("realnvp", dim=3)
 """
 
-from pyroflows import diagnostics, supports, targets, transforms
+from pyroflows import transforms
 from pyroflows.density import DensityEstimator
 from pyroflows.distributions import FlowDistribution
-from pyroflows.guides import AutoFlow
-from pyroflows.registry import build, list_flows, register_flow
+from pyroflows.inference import AutoFlow, diagnostics, fit_reverse_kl, supports
 from pyroflows.transforms import Flow, FlowStack
-from pyroflows.vi import fit_reverse_kl
+from pyroflows.transforms.registry import build, list_flows, register_flow
 
 __version__ = "0.1.0"
 
@@ -28,6 +27,5 @@ __all__ = [
     "list_flows",
     "register_flow",
     "supports",
-    "targets",
     "transforms",
 ]

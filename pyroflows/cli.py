@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from pyroflows.registry import list_flows
+from pyroflows.transforms.registry import list_flows
 
 READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
 
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from pyroflows.density import DensityEstimator
+    from pyroflows.density.estimator import DensityEstimator
 
     table = read_table(args.data)
     estimator = DensityEstimator(
@@ -158,7 +158,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from pyroflows.density import DensityEstimator
+    from pyroflows.density.estimator import DensityEstimator
 
     estimator = DensityEstimator.load(args.model)
     if args.seed is not None:
@@ -169,7 +169,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from pyroflows.density import DensityEstimator
+    from pyroflows.density.estimator import DensityEstimator
 
     estimator = DensityEstimator.load(args.model)
     scores = estimator.log_prob(read_table(args.data))

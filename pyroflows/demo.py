@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from sklearn.datasets import load_breast_cancer
 
-from pyroflows.baselines import gaussian_loglik, mixture_loglik
-from pyroflows.density import DensityEstimator
+from pyroflows.density.baselines import gaussian_loglik, mixture_loglik
+from pyroflows.density.estimator import DensityEstimator
 
 PAIR_COLUMNS = ["mean radius", "mean texture", "worst concavity", "worst area"]
 

@@ -12,8 +12,8 @@ import torch
 
 import pyroflows
 from pyroflows import FlowDistribution, build, list_flows
-from pyroflows.registry import family_options
 from pyroflows.transforms import Flow, FlowStack
+from pyroflows.transforms.registry import family_options
 
 CONDITIONAL = [n for n in list_flows() if "context" in family_options(n)]
 

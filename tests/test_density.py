@@ -263,8 +263,8 @@ def test_non_table_input_is_refused():
 
 
 def test_the_flow_beats_both_baselines_on_a_skewed_real_table():
-    from pyroflows.baselines import gaussian_loglik, mixture_loglik
     from pyroflows.demo import load_table
+    from pyroflows.density.baselines import gaussian_loglik, mixture_loglik
 
     frame = load_table().iloc[:, :6]
     order = np.random.default_rng(0).permutation(len(frame))

@@ -11,7 +11,7 @@ import torch
 
 import pyroflows
 from pyroflows import FlowDistribution
-from pyroflows.vi import posterior_flow
+from pyroflows.inference.vi import posterior_flow
 
 
 def normal(dim, device):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyroflows.nn import ACTIVATIONS, MLP
+from pyroflows.transforms.nn import ACTIVATIONS, MLP
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import pyroflows
-from pyroflows import registry
-from pyroflows.transforms import Flow, FlowStack, Planar
+from pyroflows.transforms import Flow, FlowStack, Planar, registry
 
 BUILT_IN = {"actnorm", "glow", "linear", "nice", "planar", "radial", "realnvp"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import biject_to, constraints
 
-from pyroflows.supports import VecToLowerCholesky
+from pyroflows.inference.supports import VecToLowerCholesky
 
 
 def test_lower_cholesky_has_a_registered_bijection():

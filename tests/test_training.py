@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyroflows
-from pyroflows.training import evaluate, fit_max_likelihood
+from pyroflows.density.training import evaluate, fit_max_likelihood
 
 
 def gaussian_model(dim, device, name="realnvp"):

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 import pyroflows
-from pyroflows.targets import ENERGIES, energy_log_density, grid_log_normalizer, reverse_kl
+from pyroflows.inference.targets import (
+    ENERGIES,
+    energy_log_density,
+    grid_log_normalizer,
+    reverse_kl,
+)
 
 FLOWS = pyroflows.list_flows()
 

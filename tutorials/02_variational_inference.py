@@ -26,7 +26,12 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.optim import Adam
 
 import pyroflows
-from pyroflows.targets import ENERGIES, energy_log_density, grid_log_normalizer, reverse_kl
+from pyroflows.inference.targets import (
+    ENERGIES,
+    energy_log_density,
+    grid_log_normalizer,
+    reverse_kl,
+)
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "output"
@@ -123,7 +128,7 @@ def fit(guide, steps):
 
 
 def draws(guide, n=4000):
-    data = pyroflows.diagnostics.to_inference_data(guide, eight_schools, num_samples=n)
+    data = pyroflows.inference.diagnostics.to_inference_data(guide, eight_schools, num_samples=n)
     columns = {f"theta[{j + 1}]": data.posterior["theta"].values[0, :, j] for j in range(8)}
     columns["mu"] = data.posterior["mu"].values[0]
     columns["tau"] = data.posterior["tau"].values[0]
@@ -137,7 +142,7 @@ for label, guide in [
 ]:
     fit(guide, 200 if QUICK else 5000)
     samples, inference_data = draws(guide, 500 if QUICK else 4000)
-    diagnosis = pyroflows.diagnostics.diagnose(
+    diagnosis = pyroflows.inference.diagnostics.diagnose(
         guide, eight_schools, num_samples=300 if QUICK else 2000
     )
     error_mean = ((samples.mean() - reference.mean()) / reference.std()).abs()

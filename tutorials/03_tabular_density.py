@@ -21,7 +21,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.metrics import roc_auc_score
 
 import pyroflows
-from pyroflows.baselines import gaussian_loglik, mixture_loglik
+from pyroflows.density.baselines import gaussian_loglik, mixture_loglik
 
 OUT = Path(__file__).resolve().parent / "output"
 OUT.mkdir(exist_ok=True)

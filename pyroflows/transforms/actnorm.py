@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pyroflows.nn import Hypernet
-from pyroflows.registry import register_flow
 from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
+from pyroflows.transforms.nn import Hypernet
+from pyroflows.transforms.registry import register_flow
 
 
 class LocScale(Flow):
@@ -18,7 +18,7 @@ class LocScale(Flow):
 
     It starts at the given ``loc`` (:math:`t`) and ``scale`` (:math:`e^{s}`), by default
     the identity. It is the diagonal scaling of ``nice`` and the parent of :class:`ActNorm`.
-    With ``context=k`` a :class:`~pyroflows.nn.Hypernet` adds context-dependent offsets to
+    With ``context=k`` a :class:`~.nn.Hypernet` adds context-dependent offsets to
     :math:`t` and :math:`s`, one set per context row.
 
     Example:

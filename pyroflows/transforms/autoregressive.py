@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from pyroflows._checks import check_choice, check_positive_int
-from pyroflows.nn import MaskedMLP
-from pyroflows.registry import register_flow
 from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
 from pyroflows.transforms.elementwise import Affine, Elementwise
+from pyroflows.transforms.nn import MaskedMLP
+from pyroflows.transforms.registry import register_flow
 
 ORDERS = ("reverse", "random")
 
@@ -148,7 +148,7 @@ def maf(
     Sampling takes ``dim`` passes per layer. The order is reversed from one layer to the
     next (``order="random"``: a random permutation per layer); ``clamp`` bounds each
     layer's log-scale (:class:`Affine`); ``residual=True`` uses residual MADE blocks
-    (:class:`~pyroflows.nn.MaskedMLP`). Every layer starts at the identity.
+    (:class:`~pyroflows.transforms.nn.MaskedMLP`). Every layer starts at the identity.
 
     Example:
         >>> import pyroflows

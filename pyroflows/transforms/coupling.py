@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 
 from pyroflows._checks import check_choice, check_positive_int
-from pyroflows.nn import MLP
-from pyroflows.registry import register_flow
 from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
 from pyroflows.transforms.elementwise import Affine, Elementwise, Shift
+from pyroflows.transforms.nn import MLP
+from pyroflows.transforms.registry import register_flow
 
 MASKS = ("alternate", "random")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pyroflows._checks import check_positive_int
-from pyroflows.registry import register_flow
 from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import FlowStack
 from pyroflows.transforms.coupling import Coupling, coupling_masks
 from pyroflows.transforms.elementwise import Affine
 from pyroflows.transforms.linear import LULinear
+from pyroflows.transforms.registry import register_flow
 
 
 @register_flow("glow")

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from pyroflows.nn import Hypernet
-from pyroflows.registry import register_flow
 from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
+from pyroflows.transforms.nn import Hypernet
+from pyroflows.transforms.registry import register_flow
 
 
 class LULinear(Flow):

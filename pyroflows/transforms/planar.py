@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from pyroflows._checks import check_positive_int
-from pyroflows.nn import Hypernet
-from pyroflows.registry import register_flow
 from pyroflows.transforms._math import above_minus_one
 from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
+from pyroflows.transforms.nn import Hypernet
+from pyroflows.transforms.registry import register_flow
 from pyroflows.transforms.roots import solve_increasing
 
 
@@ -40,7 +40,7 @@ class Planar(Flow):
     one Newton step from its :math:`a` replaces the search.
     Pyro's planar layer has no inverse and can only score its own cached samples.
 
-    With ``context=k`` the layer is conditional: a hypernetwork (:class:`~pyroflows.nn.Hypernet`
+    With ``context=k`` the layer is conditional: a hypernetwork (:class:`~.nn.Hypernet`
     with ``hidden`` units, zero at the start) adds context-dependent offsets to
     :math:`u, w, b`, one set per context row; the constraint and the inverse hold row by
     row.

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyroflows._checks import check_positive_int
-from pyroflows.nn import Hypernet
-from pyroflows.registry import register_flow
 from pyroflows.transforms._math import above_minus_one
 from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
+from pyroflows.transforms.nn import Hypernet
+from pyroflows.transforms.registry import register_flow
 
 
 class Radial(Flow):

@@ -11,11 +11,11 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from pyroflows._checks import check_positive_float, check_positive_int
-from pyroflows.registry import register_flow
 from pyroflows.transforms.autoregressive import autoregressive_stack
 from pyroflows.transforms.base import FlowStack
 from pyroflows.transforms.coupling import Coupling, coupling_masks
 from pyroflows.transforms.elementwise import Inverted
+from pyroflows.transforms.registry import register_flow
 
 MIN_WIDTH = 1e-3  # smallest bin width and height, as a fraction of the interval
 MIN_SLOPE = 1e-3  # smallest derivative at a knot

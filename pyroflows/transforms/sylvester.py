@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from pyroflows._checks import check_positive_int
-from pyroflows.nn import Hypernet
-from pyroflows.registry import register_flow
 from pyroflows.transforms._math import above_minus_one
 from pyroflows.transforms.base import Flow, FlowStack, broadcast_context
+from pyroflows.transforms.nn import Hypernet
+from pyroflows.transforms.registry import register_flow
 from pyroflows.transforms.roots import solve_increasing
 
 
@@ -39,7 +39,7 @@ class Sylvester(Flow):
     searches (given :math:`z` already, one Newton step each). The forward (sampling)
     direction is one pass.
 
-    With ``context=k`` a :class:`~pyroflows.nn.Hypernet` (zero at the start) adds
+    With ``context=k`` a :class:`~pyroflows.transforms.nn.Hypernet` (zero at the start) adds
     context-dependent offsets to :math:`v_k, R, \tilde R, b`: one :math:`Q` and one pair
     of triangles per context row, and the back substitution runs row by row.
 

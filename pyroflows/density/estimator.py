@@ -12,9 +12,7 @@ import torch
 from torch import Tensor
 
 from pyroflows._checks import check_positive_float, check_positive_int
-from pyroflows.distributions import FlowDistribution
-from pyroflows.registry import build, check_options, list_flows
-from pyroflows.tabular import (
+from pyroflows.density.tabular import (
     Column,
     Schema,
     TabularDensity,
@@ -22,8 +20,10 @@ from pyroflows.tabular import (
     gaussian_moments,
     infer_schema,
 )
-from pyroflows.training import fit_max_likelihood
+from pyroflows.density.training import fit_max_likelihood
+from pyroflows.distributions import FlowDistribution
 from pyroflows.transforms import Flow
+from pyroflows.transforms.registry import build, check_options, list_flows
 
 FORMAT = "pyroflows.DensityEstimator/1"
 
@@ -35,13 +35,14 @@ class DensityEstimator:
     device). Each row :math:`y` is mapped to the real line column by column (integer and
     boolean columns dequantised, positive columns through log, bounded columns through
     logit), whitened by the Gaussian fitted to the training rows, and modelled by the flow
-    family ``flow`` (built with ``**options``); see :mod:`pyroflows.tabular`. Every map's
+    family ``flow`` (built with ``**options``); see :mod:`pyroflows.density.tabular`. Every map's
     log-det is counted, so :meth:`log_prob` is an exact log-density in the data's own units
     (for integer and boolean columns, of the probability of the value). The flow starts at
     the identity, i.e. as the fitted Gaussian, and training (minibatch Adam with a learning
     rate that halves on plateaus, gradient clipping, early stopping on a ``validation``
-    fraction of the rows, best weights restored; :func:`~pyroflows.training.fit_max_likelihood`)
-    never ends worse than that Gaussian on the validation rows.
+    fraction of the rows, best weights restored;
+    :func:`~pyroflows.density.training.fit_max_likelihood`) never ends
+    worse than that Gaussian on the validation rows.
 
     Column supports: ``support={"col": "positive" | "real" | (low, high)}`` declares them;
     undeclared float columns whose values are all positive and whose log is less skewed than

@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
-from pyroflows.registry import build
 from pyroflows.transforms import CholeskyAffine, FlowStack
 from pyroflows.transforms.actnorm import skip_data_init
+from pyroflows.transforms.registry import build
 
 LogDensity = Callable[[Tensor], Tensor]
 

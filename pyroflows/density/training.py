@@ -58,7 +58,7 @@ def fit_max_likelihood(
 
     Example:
         >>> import torch, pyro.distributions as dist, pyroflows
-        >>> from pyroflows.training import fit_max_likelihood
+        >>> from pyroflows.density.training import fit_max_likelihood
         >>> _ = torch.manual_seed(0)
         >>> data = torch.randn(600, 2) * torch.tensor([2.0, 0.5])
         >>> base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
@@ -137,7 +137,7 @@ def evaluate(
 
     Example:
         >>> import torch, pyro.distributions as dist, pyroflows
-        >>> from pyroflows.training import evaluate
+        >>> from pyroflows.density.training import evaluate
         >>> base = dist.Normal(torch.zeros(1), torch.ones(1)).to_event(1)
         >>> model = pyroflows.FlowDistribution(base, pyroflows.build("realnvp", 1))
         >>> round(evaluate(model, torch.zeros(3, 1)), 4)  # log(2 pi) / 2

@@ -21,9 +21,9 @@ from torch.distributions import constraints, transform_to
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
-from pyroflows.registry import check_options
+from pyroflows.inference.vi import posterior_flow
 from pyroflows.transforms import Flow, FlowStack, Packed
-from pyroflows.vi import posterior_flow
+from pyroflows.transforms.registry import check_options
 
 
 class AutoFlow(AutoContinuous):
@@ -40,7 +40,7 @@ class AutoFlow(AutoContinuous):
     positive diagonal, and :math:`\mu, L` start at the model's initial point
     (``init_loc_fn``, by default the prior median, or a feasible point where the prior
     cannot be sampled, e.g. an improper flat prior) and at ``init_scale`` times the
-    identity (see :func:`~pyroflows.vi.posterior_flow`). Every family starts at the
+    identity (see :func:`~pyroflows.inference.vi.posterior_flow`). Every family starts at the
     identity, so at step 0 the guide is the mean-field Gaussian of
     :class:`~pyro.infer.autoguide.AutoDiagonalNormal`, and with the flow at the identity it
     is any Gaussian, parametrised as in

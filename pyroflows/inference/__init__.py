@@ -1,0 +1,10 @@
+"""Reverse KL: flow guides for Pyro models, fits of unnormalised densities, diagnostics.
+
+``targets`` holds the test energies of the benchmarks; it is not imported here.
+"""
+
+from pyroflows.inference import diagnostics, supports
+from pyroflows.inference.guides import AutoFlow
+from pyroflows.inference.vi import fit_reverse_kl, posterior_flow
+
+__all__ = ["AutoFlow", "diagnostics", "fit_reverse_kl", "posterior_flow", "supports"]
