@@ -1,25 +1,36 @@
 """The ``pyroflows`` console script (also ``python -m pyroflows``).
 
-pyroflows fit DATA.csv --flow realnvp --out model.pt
-pyroflows sample model.pt -n 1000 --out samples.csv
-pyroflows score model.pt DATA.csv --out scores.csv
+pyroflows fit DATA.csv --flow realnvp --out model.pt [--force]
+pyroflows sample model.pt -n 1000 --out samples.csv [--force]
+pyroflows score model.pt DATA.csv --out scores.csv [--force]
 pyroflows demo
+
+Nothing is lost: ``--out`` is checked before any work (its folder exists and is writable,
+its suffix is known: ``.pt``/``.pth`` for a model, ``.csv``/``.parquet``/``.pq`` for a
+table), an existing file is replaced only with ``--force``, an input file never (not even
+with ``--force``), and every file is written to a temporary file beside it and renamed into
+place, so a write that fails partway leaves the old file as it was. Errors are one line on
+stderr with exit status 1. Parquet needs pyarrow (``pip install 'pyroflows[parquet]'``), the
+demo scikit-learn and matplotlib (``pip install 'pyroflows[demo]'``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pyroflows.transforms.registry import list_flows
+from pyroflows._io import check_destination, import_extra, write_atomically
+from pyroflows.density.estimator import DensityEstimator, density_families
 
-READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
+TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+MODEL_SUFFIXES = (".pt", ".pth")
 
 
 def read_table(path: str) -> pd.DataFrame:
@@ -27,25 +38,77 @@ def read_table(path: str) -> pd.DataFrame:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"no such file: {path!r}")
-    reader = READERS.get(file.suffix.lower())
-    if reader is None:
-        raise ValueError(f"{path!r}: unknown file type {file.suffix!r}; use .csv or .parquet")
+    kind = _table_kind(path)
+    if kind == "parquet":
+        _pyarrow("reading Parquet")
     try:
-        return reader(file)
+        if kind == "parquet":
+            return pd.read_parquet(file, engine="pyarrow")
+        return pd.read_csv(file)
     except Exception as error:  # pandas and pyarrow raise many types for unreadable files
-        raise ValueError(f"could not read {path!r} as {file.suffix[1:]}: {error}") from None
+        raise ValueError(f"could not read {path!r} as {kind}: {error}") from None
 
 
-def write_table(frame: pd.DataFrame, path: str | None) -> None:
-    """Write ``frame`` to a CSV or Parquet file by suffix, or as CSV to stdout."""
+def write_table(frame: pd.DataFrame, path: str | None, *, overwrite: bool = False) -> None:
+    """Write ``frame`` to a CSV or Parquet file by suffix, or as CSV to stdout.
+
+    The file is written whole or not at all (:func:`pyroflows._io.write_atomically`); an
+    existing file is refused with a ``FileExistsError`` unless ``overwrite``.
+    """
     if path is None:
         frame.to_csv(sys.stdout, index=False)
-    elif Path(path).suffix.lower() in (".parquet", ".pq"):
-        frame.to_parquet(path, index=False)
-    elif Path(path).suffix.lower() == ".csv":
-        frame.to_csv(path, index=False)
+        return
+    write: Callable[[str], object]
+    if _table_kind(path) == "parquet":
+        _pyarrow("writing Parquet")
+
+        def write(temporary: str) -> object:
+            return frame.to_parquet(temporary, index=False, engine="pyarrow")
+
     else:
-        raise ValueError(f"{path!r}: unknown file type; use .csv or .parquet")
+
+        def write(temporary: str) -> object:
+            return frame.to_csv(temporary, index=False)
+
+    write_atomically(path, write, overwrite=overwrite, allow="--force")
+
+
+def check_out(out: str, inputs: Sequence[str], *, force: bool, model: bool = False) -> None:
+    """Refuse ``--out`` before any work: an input file (even with ``force``), an unknown
+    suffix (a model file if ``model``, else a table), a missing or read-only folder, an
+    existing file without ``force``."""
+    for source in inputs:
+        if _same_file(out, source):
+            raise ValueError(
+                f"--out {out!r} is the input file {source!r}: writing there would destroy it, "
+                "even with --force; choose another path"
+            )
+    suffix = Path(out).suffix.lower()
+    if model and suffix not in MODEL_SUFFIXES:
+        raise ValueError(
+            f"--out {out!r}: unknown model file type {suffix!r}; use {' or '.join(MODEL_SUFFIXES)}"
+        )
+    if not model and _table_kind(out, "--out ") == "parquet":
+        _pyarrow("writing Parquet")
+    check_destination(out, overwrite=force, allow="--force")
+
+
+def _table_kind(path: str, label: str = "") -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{label}{path!r}: unknown file type {suffix!r}; use .csv or .parquet")
+    return TABLE_SUFFIXES[suffix]
+
+
+def _pyarrow(purpose: str) -> None:
+    import_extra("pyarrow", purpose=purpose, package="pyarrow", extra="parquet")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (through links and ``..`` too)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -60,6 +123,9 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command-line parser; ``--flow`` offers the families a density estimator takes."""
+    families = density_families()
+    force = "replace --out if it exists (an input file is never replaced)"
     top = argparse.ArgumentParser(
         prog="pyroflows", description="Normalizing-flow densities of tables, and a demo."
     )
@@ -67,8 +133,11 @@ def parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit a flow density to a CSV or Parquet table")
     fit.add_argument("data", help="a .csv or .parquet file, one row per observation")
-    fit.add_argument("--flow", default="realnvp", choices=list_flows())
-    fit.add_argument("--out", required=True, help="where to write the fitted model (.pt)")
+    fit.add_argument("--flow", default="realnvp", choices=families)
+    fit.add_argument(
+        "--out", required=True, help="where to write the fitted model (.pt), checked first"
+    )
+    fit.add_argument("--force", action="store_true", help=force)
     fit.add_argument("--epochs", type=int, default=1000, help="most epochs (early stopping)")
     fit.add_argument("--batch-size", type=int, default=256)
     fit.add_argument("--lr", type=float, default=1e-3)
@@ -98,40 +167,48 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", type=int, required=True, help="how many rows")
     sample.add_argument("--seed", type=int, default=None)
     sample.add_argument("--out", default=None, help=".csv or .parquet file (default: stdout)")
+    sample.add_argument("--force", action="store_true", help=force)
 
     score = commands.add_parser("score", help="log-likelihood of each row of a table")
     score.add_argument("model", help="a model written by 'pyroflows fit'")
     score.add_argument("data", help="a .csv or .parquet file with the fitted columns")
     score.add_argument("--out", default=None, help=".csv or .parquet file (default: stdout)")
+    score.add_argument("--force", action="store_true", help=force)
 
     demo = commands.add_parser(
         "demo",
         help="the main job: a flow density of a bundled real table against two baselines",
         description="Fit a flow density to scikit-learn's breast cancer table (30 columns) on "
         "80%% of the rows; print its held-out log-likelihood beside a Gaussian's and a "
-        "Gaussian mixture's, and write figures of samples against data and of the loss.",
+        "Gaussian mixture's, and write figures of samples against data and of the loss. "
+        "Needs the demo extra: pip install 'pyroflows[demo]'.",
     )
-    demo.add_argument("--flow", default="realnvp", choices=list_flows())
+    demo.add_argument("--flow", default="realnvp", choices=families)
     demo.add_argument("--epochs", type=int, default=1000, help="most epochs (early stopping)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="pyroflows-demo", help="folder for the figures")
+    demo.add_argument(
+        "--out", default="pyroflows-demo", help="folder for the figures (replaced there)"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command in ``argv``; return the exit status (1 with a message on bad input)."""
+    """Run the command in ``argv``; return the exit status (1 with a message on bad input).
+
+    Bad input, a file that cannot be read or written, an existing ``--out`` without
+    ``--force`` and a missing extra are each reported as one line on stderr.
+    """
     args = parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as error:
+    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as error:
         print(f"pyroflows {args.command}: error: {error}", file=sys.stderr)
         return 1
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from pyroflows.density.estimator import DensityEstimator
-
+    check_out(args.out, [args.data], force=args.force, model=True)
     table = read_table(args.data)
     estimator = DensityEstimator(
         args.flow,
@@ -145,7 +222,12 @@ def _fit(args: argparse.Namespace) -> int:
         **dict(args.option),
     )
     history = estimator.fit(table)
-    estimator.save(args.out)
+    try:
+        estimator.save(args.out, overwrite=args.force)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{args.out!r} was created while fitting; pass --force to replace it"
+        ) from None
     print(
         f"fitted {args.flow} to {len(table)} rows x {table.shape[1]} columns in {len(history)} "
         f"epochs; best validation loss {history['valid_loss'].min():.4f} nats per row; "
@@ -158,22 +240,22 @@ def _fit(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from pyroflows.density.estimator import DensityEstimator
-
+    if args.out is not None:
+        check_out(args.out, [args.model], force=args.force)
     estimator = DensityEstimator.load(args.model)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     samples = estimator.sample(args.n)
-    write_table(pd.DataFrame(samples, columns=estimator.columns), args.out)
+    write_table(pd.DataFrame(samples, columns=estimator.columns), args.out, overwrite=args.force)
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from pyroflows.density.estimator import DensityEstimator
-
+    if args.out is not None:
+        check_out(args.out, [args.model, args.data], force=args.force)
     estimator = DensityEstimator.load(args.model)
     scores = estimator.log_prob(read_table(args.data))
-    write_table(pd.DataFrame({"log_prob": scores}), args.out)
+    write_table(pd.DataFrame({"log_prob": scores}), args.out, overwrite=args.force)
     print(
         f"mean log-likelihood {scores.mean():.4f} nats per row ({len(scores)} rows)",
         file=sys.stderr,

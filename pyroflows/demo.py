@@ -5,19 +5,27 @@ positive, skewed, strongly correlated columns; no download). A fifth of the rows
 out; the flow (:class:`~pyroflows.DensityEstimator`), a full-covariance Gaussian and a
 Gaussian mixture with a validated number of components are fitted to the rest, and each
 scores the held-out rows in nats per row in the data's own units.
+
+Only ``pyroflows demo`` imports this module. It needs scikit-learn and matplotlib, the
+``demo`` extra (``pip install 'pyroflows[demo]'``), imported when the demo runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from sklearn.datasets import load_breast_cancer
 
+from pyroflows._io import import_extra, write_atomically
 from pyroflows.density.baselines import gaussian_loglik, mixture_loglik
 from pyroflows.density.estimator import DensityEstimator
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PAIR_COLUMNS = ["mean radius", "mean texture", "worst concavity", "worst area"]
 
@@ -37,8 +45,14 @@ class DemoResult:
 
 
 def load_table() -> pd.DataFrame:
-    """The breast cancer table without its label column."""
-    return load_breast_cancer(as_frame=True).frame.drop(columns=["target"])
+    """The breast cancer table without its label column (needs scikit-learn).
+
+    Example:
+        >>> load_table().shape
+        (569, 30)
+    """
+    datasets = _demo_extra("sklearn.datasets", "scikit-learn")
+    return datasets.load_breast_cancer(as_frame=True).frame.drop(columns=["target"])
 
 
 def run_demo(
@@ -51,13 +65,21 @@ def run_demo(
 ) -> DemoResult:
     """Fit ``flow`` and the baselines on 80% of the rows, score the other 20%, draw figures.
 
+    The figures (``samples_vs_data.png``, ``loss.png``) go to the folder ``out``, made if
+    missing; figures of an earlier run there are replaced. scikit-learn and matplotlib are
+    looked for first, so a missing one fails at once (naming ``pyroflows[demo]``), not
+    after the fit.
+
     Example:
         >>> import tempfile
         >>> result = run_demo(out=tempfile.mkdtemp(), epochs=2, progress=False)
         >>> result.test_rows, len(result.figures)
         (113, 2)
     """
+    _demo_extra("matplotlib.figure", "matplotlib")
     frame = load_table()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(frame))
     n_test = len(frame) // 5
     test, fit = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]
@@ -68,8 +90,6 @@ def run_demo(
     gaussian = gaussian_loglik(fit.to_numpy(), test.to_numpy()).mean()
     mixture, components = mixture_loglik(fit.to_numpy(), test.to_numpy(), seed=seed)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     figures = [
         _pair_plot(test, estimator.sample(len(test)), out / "samples_vs_data.png"),
         _loss_curve(history, out / "loss.png"),
@@ -87,13 +107,9 @@ def run_demo(
 
 
 def _pair_plot(data: pd.DataFrame, samples: pd.DataFrame, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     k = len(PAIR_COLUMNS)
-    fig, axes = plt.subplots(k, k, figsize=(2.6 * k, 2.6 * k))
+    fig = _figure(figsize=(2.6 * k, 2.6 * k))
+    axes = fig.subplots(k, k)
     for i, row in enumerate(PAIR_COLUMNS):
         for j, col in enumerate(PAIR_COLUMNS):
             ax = axes[i, j]
@@ -109,25 +125,33 @@ def _pair_plot(data: pd.DataFrame, samples: pd.DataFrame, path: Path) -> Path:
             if j == 0:
                 ax.set_ylabel(row)
     axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=70)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path, dpi=70)
 
 
 def _loss_curve(history: pd.DataFrame, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = _figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.plot(history["epoch"], history["train_loss"], label="train")
     ax.plot(history["epoch"], history["valid_loss"], label="validation")
     ax.set_xlabel("epoch")
     ax.set_ylabel("negative log-likelihood (nats per row)")
     ax.legend()
+    return _save_png(fig, path, dpi=80)
+
+
+def _demo_extra(module: str, package: str) -> ModuleType:
+    return import_extra(module, purpose="the demo", package=package, extra="demo")
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib ``Figure`` of its own (no pyplot: no global backend or figure state)."""
+    return _demo_extra("matplotlib.figure", "matplotlib").Figure(figsize=figsize)
+
+
+def _save_png(fig: Figure, path: Path, dpi: int) -> Path:
+    """Write ``fig`` as a PNG at ``path``, replacing an older figure in one step."""
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    write_atomically(
+        path, lambda temporary: fig.savefig(temporary, format="png", dpi=dpi), overwrite=True
+    )
     return path

@@ -6,11 +6,10 @@ from typing import ClassVar
 
 import torch
 from pyro.distributions import TorchDistribution
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal, constraints
 
 from pyroflows.transforms.base import Conditioned, Flow
-from pyroflows.transforms.packed import Packed
 
 
 class FlowDistribution(TorchDistribution):
@@ -29,29 +28,22 @@ class FlowDistribution(TorchDistribution):
     :math:`q(y \mid c)`, with the batch shape of ``c`` (a batch of contexts gives a batch
     of conditional distributions).
 
-    Inside Pyro, a guide site draws with :meth:`rsample` and the ELBO then asks for
-    :meth:`log_prob` of that very draw. So that this too costs one forward pass, the last
-    :meth:`rsample` keeps its draw with its log-density, and :meth:`log_prob` of *that same
-    tensor* returns it, but only while the version counter of every parameter and buffer of
-    the flow is unchanged: an optimiser step, ``load_state_dict`` or any in-place change
-    invalidates it, so it is never stale (Pyro's transforms match on tensor identity alone).
-    The remembered log-density is a function of the base draw, not of the tensor passed in:
-    differentiate it with respect to parameters, not with respect to the value.
+    Nothing is remembered between calls: :meth:`log_prob` always runs the inverse, so a
+    draw and its density in one pass come only from :meth:`rsample_and_log_prob` (which
+    :class:`~pyroflows.AutoFlow` uses).
 
-    With ``stl=True`` the log-density of a draw is computed with the flow's parameters held
-    fixed, so that its gradient reaches the parameters (and a context) only through the
-    draw: the path-derivative ("sticking the landing") estimator of Roeder et al. (2017).
-    Its value is unchanged; the score term it drops has expectation zero, and what remains
-    of the reverse-KL gradient is exactly zero for every draw when the flow equals the
-    target. (It is unbiased for the ELBO, not for importance-weighted bounds such as
-    Renyi's.) The base distribution is then taken to have no learnable parameters. For a
-    flow that pushes scores forward in closed form (``analytic_score``: planar stacks, and
-    the guides' affine part) and a normal base, the held-fixed log-density is the draw
-    times :math:`\nabla_y \log q(y)`, computed alongside the draw without autograd
-    (:meth:`~pyroflows.transforms.Flow.forward_and_score`), and costs little; for other
-    flows it is one extra inverse pass, told the base draw
-    (:meth:`~pyroflows.transforms.Flow.inverse_and_log_det_given`, so that Sylvester
-    layers take one Newton step each instead of a root search).
+    With ``stl=True`` the log-density of a draw from :meth:`rsample_and_log_prob` is
+    computed with the flow's parameters held fixed, so that its gradient reaches the
+    parameters (and a context) only through the draw: the path-derivative ("sticking the
+    landing") estimator of Roeder et al. (2017). Its value is unchanged; the score term it
+    drops has expectation zero, and what remains of the reverse-KL gradient is exactly zero
+    for every draw when the flow equals the target. (It is unbiased for the ELBO, not for
+    importance-weighted bounds such as Renyi's.) The base distribution is then taken to
+    have no learnable parameters. The held-fixed log-density is :math:`\log q(y)` plus
+    :math:`\nabla_y \log q(y)^\top (y - \bar y)` with the gradient held fixed and
+    :math:`\bar y` the draw detached, zero in value: the gradient is pushed along the draw
+    by :meth:`~pyroflows.transforms.Flow.forward_and_score`, in closed form for planar
+    layers and the guides' Gaussian part, by autograd through the inverse otherwise.
 
     Example:
         >>> import torch, pyro.distributions as dist, pyroflows
@@ -121,74 +113,44 @@ class FlowDistribution(TorchDistribution):
         log_q = self.base.log_prob(x) - ladj
         if self.stl:
             log_q = self._path_log_prob(x, y, log_q)
-        self._last_draw = (y, log_q, self._versions())
         return y, log_q
 
     def log_prob(self, value: Tensor) -> Tensor:
-        last = getattr(self, "_last_draw", None)
-        if last is not None and value is last[0] and last[2] == self._versions():
-            return last[1]
         if self._validate_args:
             self._validate_sample(value)
         x, ladj = self.transform.inverse_and_log_det(value)
         return self.base.log_prob(x) + ladj
 
+
     def _path_log_prob(self, x: Tensor, y: Tensor, log_q: Tensor) -> Tensor:
-        r"""``log q(y)`` for the draw ``y = f(x)``, differentiable only through ``y``.
+        r"""``log q(y)`` for the draw ``y = f(x)``, its gradient only the path derivative.
 
-        Where the flow pushes scores forward in closed form and the base is normal, this is
-        ``log_q`` plus :math:`s^\top (y - \bar y)`, zero in value, with :math:`s = \nabla_y
-        \log q(y)` held fixed; else an inverse pass with the parameters held fixed.
+        Where the flow pushes the gradient forward in closed form and the base is normal:
+        ``log_q`` (detached) plus :math:`s^\top (y - \bar y)` with :math:`s = \nabla_y \log
+        q(y)` held fixed. Otherwise the score term is subtracted: ``log_q`` minus
+        :math:`\log q_\theta(\bar y) - \mathrm{sg}[\log q_\theta(\bar y)]` at the detached
+        draw :math:`\bar y` (one inverse pass, told ``x``), since
+        :math:`\tfrac{d}{d\theta} \log q_\theta(y_\theta) = \partial_\theta \log q_\theta(y)
+        + \nabla_y \log q_\theta(y)\, \tfrac{dy}{d\theta}`. Neither holds parameters
+        fixed, so both work under JIT traces.
         """
-        score = _normal_score(self.base, x)
-        if score is None or not self.transform.analytic_score:
-            return self._fixed_log_prob(y, x)
-        _, score = self.transform.forward_and_score(x.detach(), score)
-        return log_q.detach() + (score * (y - y.detach())).sum(-1)
-
-    def _fixed_log_prob(self, y: Tensor, x: Tensor) -> Tensor:
-        """``log q(y)`` by an inverse pass with the flow's parameters detached, for the
-        draw ``y = f(x)`` (so that numerical inverses need no root search)."""
-        transform = self.transform
-        packs = [m for m in transform.modules() if isinstance(m, Packed)]
-        if len(list(transform.parameters())) > len(packs):  # some not packed: one flat each
-            return _FixedParameters(self).log_prob(y, x)
-        held = [pack.held for pack in packs]
-        for pack in packs:  # works under JIT too
-            pack.held = True
+        base = self.base
+        while isinstance(base, Independent):
+            base = base.base_dist
+        if isinstance(base, Normal) and self.transform.analytic_score:
+            score = ((base.loc - x) / base.scale**2).detach()
+            _, score = self.transform.forward_and_score(x.detach(), score)
+            return log_q.detach() + (score * (y - y.detach())).sum(-1)
+        if torch.jit.is_tracing():  # a trace does not record requires_grad: subtract
+            x_fixed, ladj = self.transform.inverse_and_log_det_given(y.detach(), x)
+            at_draw = self.base.log_prob(x_fixed) + ladj
+            return log_q - (at_draw - at_draw.detach())
+        params = [p for p in self.transform.parameters() if p.requires_grad]
         try:
-            x, ladj = transform.inverse_and_log_det_given(y, x)
+            for p in params:
+                p.requires_grad_(False)
+            x_held, ladj = self.transform.inverse_and_log_det_given(y, x)
         finally:
-            for pack, was in zip(packs, held, strict=True):
-                pack.held = was
-        return self.base.log_prob(x) + ladj
-
-    def _versions(self) -> tuple[int, ...]:
-        tensors = [*self.transform.parameters(), *self.transform.buffers()]
-        return tuple(t._version for t in tensors)
-
-
-def _normal_score(base: Distribution, x: Tensor) -> Tensor | None:
-    r""":math:`\nabla \log p_0(x)` for a normal base distribution, else ``None``."""
-    while isinstance(base, Independent):
-        base = base.base_dist
-    if not isinstance(base, Normal):
-        return None
-    return ((base.loc - x) / base.scale**2).detach()
-
-
-class _FixedParameters(nn.Module):
-    """``y -> log q(y)`` by one inverse pass, with the flow's parameters detached."""
-
-    def __init__(self, q: FlowDistribution) -> None:
-        super().__init__()
-        self.transform = q.transform
-        self.base = q.base
-
-    def forward(self, y: Tensor, x: Tensor) -> Tensor:
-        x, ladj = self.transform.inverse_and_log_det_given(y, x)
-        return self.base.log_prob(x) + ladj
-
-    def log_prob(self, y: Tensor, x: Tensor) -> Tensor:
-        fixed = {name: p.detach() for name, p in self.named_parameters()}
-        return torch.func.functional_call(self, fixed, (y, x))
+            for p in params:
+                p.requires_grad_(True)
+        return self.base.log_prob(x_held) + ladj

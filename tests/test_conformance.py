@@ -1,14 +1,17 @@
 """The flow contract, checked on every registered family against math, not against itself.
 
 Families are discovered through the registry, so a newly registered family is tested here
-with no new test code. Each flow is first given its data-dependent start (one inverse pass)
-and then moved away from the identity, so that no check passes trivially.
+with no new test code. Each flow is first given its data-dependent start
+(``flow.initialize``) and then moved away from the identity, so that no check passes
+trivially; the checks of Pyro's own transform tests run on fresh flows in training mode.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
+import sys
 
 import pyro
 import pyro.distributions as dist
@@ -20,17 +23,29 @@ from pyro.optim import Adam
 
 import pyroflows
 from pyroflows import FlowDistribution, build, list_flows
-from pyroflows.transforms import NotInvertibleError
+from pyroflows.transforms import NotInvertibleError, roots
+from pyroflows.transforms.nn import MLP, MaskedMLP
 
 FLOWS = list_flows()
 DIMS = (1, 4)
-METHODS = {"analytic", "numerical", "unavailable"}
+METHODS = {"analytic", "sequential", "numerical", "unavailable"}
+
+
+def fresh_flow(name, dim, device, dtype=torch.float64, seed=0):
+    """A flow as built, moved off the identity, never started from data, in training mode."""
+    torch.manual_seed(seed)
+    flow = build(name, dim).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return flow.train()
 
 
 def make_flow(name, dim, device, dtype=torch.float64, seed=0):
+    """A flow started from data (``initialize``), then moved off where that left it."""
     torch.manual_seed(seed)
     flow = build(name, dim).to(device=device, dtype=dtype)
-    flow.inverse_and_log_det(torch.randn(64, dim, device=device, dtype=dtype) * 2 + 1)
+    flow.initialize(torch.randn(64, dim, device=device, dtype=dtype) * 2 + 1)
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -64,14 +79,40 @@ def name(request):
     return request.param
 
 
-@pytest.mark.parametrize("dim", DIMS)
-def test_methods_are_declared(name, dim, device):
+def test_declared_methods_say_how_each_direction_is_computed(name, device, monkeypatch):
+    """ "analytic": each network runs at most once and no root is searched; "sequential":
+    some network runs once per dimension; "numerical": a root is searched."""
+    dim = 4
     flow = make_flow(name, dim, device)
+    searches, net_calls = [0], collections.Counter()
+    original = roots.solve_increasing
+
+    def counted_search(*args, **kwargs):
+        searches[0] += 1
+        return original(*args, **kwargs)
+
+    for module in list(sys.modules.values()):  # every module that imported the solver
+        if getattr(module, "solve_increasing", None) is original:
+            monkeypatch.setattr(module, "solve_increasing", counted_search)
+    for net in flow.modules():
+        if isinstance(net, (MLP, MaskedMLP)):
+            net.register_forward_hook(lambda module, *_: net_calls.update([module]))
     for _, primitive, method in directions(flow):
         assert method in METHODS
+        searches[0] = 0
+        net_calls.clear()
+        x = torch.randn(5, dim, device=device, dtype=torch.float64)
         if method == "unavailable":
             with pytest.raises(NotInvertibleError):
-                primitive(torch.zeros(dim, device=device, dtype=torch.float64))
+                primitive(x)
+            continue
+        primitive(x)
+        most = max(net_calls.values(), default=0)
+        assert (searches[0] > 0) == (method == "numerical")
+        if method == "analytic":
+            assert most <= 1
+        if method == "sequential":
+            assert most == dim
 
 
 @pytest.mark.parametrize("dim", DIMS)
@@ -98,6 +139,50 @@ def test_inverse_round_trip(name, dim, device):
     torch.testing.assert_close(ladj_back, -ladj, rtol=1e-8, atol=1e-8)
     y2 = torch.randn(32, dim, device=device, dtype=torch.float64) * 2
     torch.testing.assert_close(flow.forward_and_log_det(flow.inverse_and_log_det(y2)[0])[0], y2)
+
+
+def test_a_fresh_flow_is_one_function_whichever_method_comes_first(name, device):
+    """Inverse first, then forward, on a fresh flow in training mode: the same map as a twin
+    that ran forward first, and a round trip (no pass starts a layer from data)."""
+    dim = 3
+    inverse_first, forward_first = fresh_flow(name, dim, device), fresh_flow(name, dim, device)
+    y = torch.randn(64, dim, device=device, dtype=torch.float64) * 3 + 2
+    x = torch.randn(64, dim, device=device, dtype=torch.float64)
+    forward_first.forward_and_log_det(x)
+    x_back, ladj_back = inverse_first.inverse_and_log_det(y)
+    torch.testing.assert_close(inverse_first.forward_and_log_det(x_back)[0], y)
+    for a, b in zip(inverse_first.inverse_and_log_det(y), forward_first.inverse_and_log_det(y)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(ladj_back, forward_first.inverse_and_log_det(y)[1])
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+def test_pyro_transform_harness(name, dim, device):
+    """The three checks of Pyro's own transform tests, on a fresh flow in training mode,
+    through torch's Transform API only (``_call``, ``_inverse``, ``log_abs_det_jacobian``):
+    x -> y -> x, the log-det by central finite differences, and sample shapes."""
+    flow = fresh_flow(name, dim, device)
+    x = torch.randn(10, dim, device=device, dtype=torch.float64)
+    y = flow._call(x)
+    x_back = flow._inverse(y)
+    assert (x_back - x).abs().max() < 1e-6
+    assert (
+        flow.log_abs_det_jacobian(x, y) - flow.log_abs_det_jacobian(x_back, y)
+    ).abs().max() < 1e-6
+    eps = 1e-5
+    point = x[:1]
+    jacobian = torch.stack(
+        [
+            (flow._call(point + eps / 2 * e) - flow._call(point - eps / 2 * e))[0] / eps
+            for e in torch.eye(dim, device=device, dtype=torch.float64)
+        ]
+    )
+    numeric = torch.linalg.slogdet(jacobian)[1]
+    assert (flow.log_abs_det_jacobian(point, flow._call(point))[0] - numeric).abs() < 1e-4
+    for batch in [(3,), (3, 4), (3, 4, 5)]:
+        zeros = torch.zeros(*batch, dim, device=device, dtype=torch.float64)
+        base = dist.Normal(zeros, torch.ones_like(zeros))
+        assert dist.TransformedDistribution(base, [flow]).sample().shape == (*batch, dim)
 
 
 def test_inverse_given_the_input_has_the_inverse_jacobian(name, device):

@@ -13,10 +13,12 @@ from pyro.distributions import constraints
 from pyro.infer import (
     SVI,
     JitTrace_ELBO,
+    JitTraceGraph_ELBO,
     Predictive,
     RenyiELBO,
     Trace_ELBO,
     TraceGraph_ELBO,
+    TraceMeanField_ELBO,
 )
 from pyro.infer.autoguide import AutoDiagonalNormal, init_to_feasible
 from pyro.optim import Adam, ClippedAdam
@@ -64,7 +66,10 @@ def test_every_registered_family_is_a_guide_family(name, device):
     assert sample["noise"] > 0 and 0 < sample["weight"] < 1
     assert all(v.device.type == device.type for v in sample.values())
     assert all(p.dtype == torch.float64 for p in guide.parameters())
-    assert len(pyro.get_param_store()) == 2  # packed: Pyro's optimiser steps two tensors
+    # Pyro's optimiser steps exactly the guide's parameters: the family's and the Gaussian's
+    store = {id(p) for p in pyro.get_param_store().values()}
+    assert store == {id(p) for p in guide.parameters()}
+    assert [n for n, _ in guide.gaussian.named_parameters()] == ["params"]
 
 
 @pytest.mark.parametrize("name", FLOWS)
@@ -230,8 +235,8 @@ def test_stl_guide_gradient_vanishes_when_the_guide_is_the_posterior(name, devic
         guide = AutoFlow(model, name, stl=stl, init_loc_fn=init_to_feasible, init_scale=1.0)
         loss = Trace_ELBO(num_particles=16, vectorize_particles=True).differentiable_loss
         value = loss(model, guide)
-        params = [pack.flat for pack in guide.transform]
-        gradients[stl] = torch.cat(torch.autograd.grad(value, params))
+        params = list(guide.parameters())
+        gradients[stl] = torch.cat([g.flatten() for g in torch.autograd.grad(value, params)])
     assert gradients[True].abs().max() < 1e-10
     assert gradients[False].abs().max() > 1e-3
 
@@ -243,17 +248,19 @@ def test_warmup_holds_the_flow_at_the_identity_while_the_gaussian_fits(device):
     optimiser = Adam({"lr": 0.01})
     svi = SVI(model, guide, optimiser, Trace_ELBO())
     svi.step()
-    flow, gaussian = (pack.flat for pack in guide.transform)
-    start = flow.detach().clone(), gaussian.detach().clone()
+    flow = list(guide.flow.parameters())
+    start = [p.detach().clone() for p in flow], guide.gaussian.params.detach().clone()
     for _ in range(4):
         svi.step()
-    assert torch.equal(flow, start[0]) and not torch.equal(gaussian, start[1])
+    assert all(torch.equal(p, p0) for p, p0 in zip(flow, start[0], strict=True))
+    assert not torch.equal(guide.gaussian.params, start[1])
     # no gradient at all, not a zero one: Adam has no state for the flow until its release
-    assert flow.grad is None and not optimiser.optim_objs[flow].state
+    assert all(p.grad is None and not optimiser.optim_objs[p].state for p in flow)
     svi.step()
-    assert not torch.equal(flow, start[0])
-    (state,) = optimiser.optim_objs[flow].state.values()
-    assert state["step"] == 1  # so its first steps are bias-corrected like any first step
+    assert not all(torch.equal(p, p0) for p, p0 in zip(flow, start[0], strict=True))
+    for p in flow:
+        (state,) = optimiser.optim_objs[p].state.values()
+        assert state["step"] == 1  # so its first steps are bias-corrected like any first step
     with pytest.raises(ValueError, match="warmup"):
         AutoFlow(model, "realnvp", warmup=-1)
     with pytest.raises(ValueError, match="JitTrace_ELBO"):
@@ -261,12 +268,12 @@ def test_warmup_holds_the_flow_at_the_identity_while_the_gaussian_fits(device):
 
 
 @pytest.mark.filterwarnings(*JIT_WARNINGS)
-@pytest.mark.parametrize("name", ["realnvp", "planar"])  # held inverse; closed-form score
+@pytest.mark.parametrize("name", ["realnvp", "planar"])  # autograd; closed-form push
 def test_stl_guide_under_jit_gives_the_plain_stl_loss_and_gradients(name, device):
     model = regression_model(device)
     guide = AutoFlow(model, name, stl=True)
     guide()
-    params = [pack.flat for pack in guide.transform]
+    params = list(guide.parameters())
     with torch.no_grad():
         for flat in params:
             flat.add_(0.1 * torch.randn_like(flat))
@@ -278,7 +285,7 @@ def test_stl_guide_under_jit_gives_the_plain_stl_loss_and_gradients(name, device
             flat.grad = None
         pyro.set_rng_seed(5)
         loss = elbo.loss_and_grads(model, guide)
-        results.append((loss, torch.cat([flat.grad for flat in params])))
+        results.append((loss, torch.cat([flat.grad.flatten() for flat in params])))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-7)
     torch.testing.assert_close(results[0][1], results[1][1])
 
@@ -374,3 +381,54 @@ def test_flat_priors_start_feasibly_and_follow_the_data_device(device):
     sample = guide()
     assert sample["loc"].device.type == device.type and sample["scale"] > 0
     assert guide.get_base_dist().sample().device.type == device.type
+
+
+def conjugate_normal(device):
+    """mu ~ N(0, 2^2), y_i ~ N(mu, 1): mu's posterior is N(v sum(y), v), v = 1 / (1/4 + n)."""
+    y = tensor([1.2, 0.7, 2.1, 1.5, 0.9, 1.8], device)
+    zero, n = tensor(0.0, device), len(y)  # outside the model, which a JIT ELBO traces
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(zero, 2.0))
+        with pyro.plate("data", n):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    variance = 1 / (1 / 4 + n)
+    return model, "mu", variance * y.sum().item(), math.sqrt(variance)
+
+
+def conjugate_gamma_poisson(device):
+    """rate ~ Gamma(2, 1), y_i ~ Poisson(rate): rate's posterior is Gamma(2 + sum(y), 1 + n).
+
+    A positive site: the guide's density of ``rate`` carries the Jacobian of ``exp``.
+    """
+    y = tensor([2.0, 0.0, 3.0, 1.0], device)
+    two, n = tensor(2.0, device), len(y)
+
+    def model():
+        rate = pyro.sample("rate", dist.Gamma(two, 1.0))
+        with pyro.plate("data", n):
+            pyro.sample("y", dist.Poisson(rate), obs=y)
+
+    shape, rate = 2 + y.sum().item(), 1 + n
+    return model, "rate", shape / rate, math.sqrt(shape) / rate
+
+
+@pytest.mark.filterwarnings(*JIT_WARNINGS)
+@pytest.mark.parametrize(
+    "conjugate", [conjugate_normal, conjugate_gamma_poisson], ids=["normal", "gamma-poisson"]
+)
+@pytest.mark.parametrize(
+    "elbo", [TraceMeanField_ELBO, JitTraceGraph_ELBO], ids=["mean-field", "jit-tracegraph"]
+)
+def test_mean_field_and_jit_tracegraph_elbos_fit_a_conjugate_posterior(elbo, conjugate, device):
+    model, site, mean, sd = conjugate(device)
+    guide = AutoFlow(model, "realnvp")
+    optimiser = ClippedAdam({"lr": 0.02, "lrd": 0.993})  # decays, so the end is not SGD noise
+    svi = SVI(model, guide, optimiser, elbo(num_particles=32, vectorize_particles=True))
+    losses = [svi.step() for _ in range(600)]
+    assert sum(losses[-50:]) < sum(losses[:50])
+    predictive = Predictive(model, guide=guide, num_samples=10_000, parallel=True)
+    draws = predictive()[site]
+    assert abs(draws.mean().item() - mean) < 0.1 * sd
+    assert abs(draws.std().item() / sd - 1) < 0.1

@@ -15,6 +15,7 @@ from pyroflows.transforms import (
     Coupling,
     Flow,
     FlowStack,
+    LocScale,
     LULinear,
     NotInvertibleError,
     Planar,
@@ -97,30 +98,45 @@ def test_radial_constraint_keeps_beta_above_minus_alpha():
     assert beta.item() > -alpha.item()
 
 
-def test_actnorm_initialises_from_data_on_the_first_training_inverse_only():
+def test_actnorm_starts_from_data_only_when_asked():
     torch.manual_seed(0)
     layer = ActNorm(2).double()
-    forward_data = torch.randn(100, 2, dtype=torch.float64) * 4
-    layer.forward_and_log_det(forward_data)
-    assert not layer.initialized  # sampling direction leaves the identity start alone
     data = torch.randn(500, 2, dtype=torch.float64) * torch.tensor([3.0, 0.1]) + 7
+    for mode in (True, False):  # no pass in either mode moves it
+        layer.train(mode)
+        layer.forward_and_log_det(data)
+        layer.inverse_and_log_det(data)
+        torch.testing.assert_close(layer.inverse_and_log_det(data)[0], data, rtol=0, atol=0)
+    layer.initialize(data)
     z, ladj = layer.inverse_and_log_det(data)
     torch.testing.assert_close(z.mean(0), torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(z.std(0), torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(ladj, -data.std(0).log().sum().expand(500))
     shift = layer.shift.detach().clone()
     layer.inverse_and_log_det(data * 10)
-    assert torch.equal(layer.shift.detach(), shift)  # only the first batch initialises
+    assert torch.equal(layer.shift.detach(), shift)
 
 
-def test_actnorm_in_eval_mode_or_on_one_row_does_not_initialise():
+def test_actnorm_start_needs_two_rows_and_keeps_constant_columns_unscaled():
     layer = ActNorm(2)
-    layer.eval()
-    layer.inverse_and_log_det(torch.randn(50, 2) + 3)
-    assert not layer.initialized
-    layer.train()
-    layer.inverse_and_log_det(torch.randn(2))
-    assert not layer.initialized
+    with pytest.raises(ValueError, match="at least two rows"):
+        layer.initialize(torch.randn(1, 2))
+    layer.initialize(torch.stack([torch.tensor([1.0, 5.0]), torch.tensor([3.0, 5.0])]))
+    torch.testing.assert_close(layer.log_scale.detach()[1], torch.tensor(0.0))
+
+
+def test_stack_initialize_starts_each_actnorm_from_what_reaches_it():
+    """In the density direction the last layer sees the data first; an actnorm below a
+    fixed scaling sees the scaled data."""
+    torch.manual_seed(0)
+    scaling, norm = LocScale(torch.zeros(2), torch.tensor([2.0, 0.5])), ActNorm(2)
+    stack = FlowStack([norm, scaling])
+    data = torch.randn(400, 2) * torch.tensor([3.0, 1.0]) + 4
+    stack.initialize(data)
+    z = stack.inverse_and_log_det(data)[0]
+    torch.testing.assert_close(z.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(norm.shift.detach(), (data / torch.tensor([2.0, 0.5])).mean(0))
 
 
 def test_actnorm_keeps_constant_columns_finite():
@@ -198,16 +214,21 @@ def test_elementwise_transformers_invert(transformer):
     torch.testing.assert_close(ladj_back, -ladj)
 
 
-@pytest.mark.parametrize("kind", ["alternate", "random"])
 @pytest.mark.parametrize("dim", [1, 2, 5])
-def test_coupling_masks_transform_every_entry_over_two_layers(kind, dim):
-    torch.manual_seed(0)
-    masks = coupling_masks(dim, 6, kind)
+def test_alternate_masks_transform_every_entry_over_two_layers(dim):
+    masks = coupling_masks(dim, 6, "alternate")
     assert all(m.any() for m in masks)
-    covered = torch.stack(masks).any(0)
-    assert covered.all() or kind == "random"
-    if kind == "alternate":
-        assert (masks[0] | masks[1]).all()
+    assert (masks[0] | masks[1]).all()
+    assert dim == 1 or not (masks[0] & masks[1]).any()  # two halves, each entry once
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5, 8])
+def test_random_masks_transform_half_rounded_up_in_a_fresh_draw_per_layer(dim):
+    torch.manual_seed(0)
+    masks = coupling_masks(dim, 6, "random")
+    assert all(int(m.sum()) == (dim + 1) // 2 for m in masks)
+    if dim >= 5:  # C(5, 3) = 10 halves: six equal draws would be chance of 1e-5
+        assert len({tuple(m.tolist()) for m in masks}) > 1
 
 
 def test_coupling_leaves_the_conditioning_entries_unchanged():

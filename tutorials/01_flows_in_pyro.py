@@ -7,9 +7,11 @@
 #
 # This tutorial builds flows by name, fits one to 2-D data with Pyro's SVI, and scores
 # new points with a planar flow, which Pyro's own planar flow cannot do. Run it with
-# `python tutorials/01_flows_in_pyro.py`; it writes its figures to `tutorials/output/`.
+# `python tutorials/01_flows_in_pyro.py`; it writes its figures to `tutorials/output/`, or to
+# the folder that the environment variable `PYROFLOWS_OUTPUT` names.
 
 # %%
+import os
 from pathlib import Path
 
 import matplotlib
@@ -24,8 +26,8 @@ from pyro.optim import ClippedAdam
 
 import pyroflows
 
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYROFLOWS_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 pyro.set_rng_seed(0)
 print("registered flow families:", pyroflows.list_flows())
 

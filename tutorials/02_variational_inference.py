@@ -4,8 +4,8 @@
 # Two jobs: fitting a flow to an unnormalised density (`pyroflows.fit_reverse_kl`), and a
 # flow guide for a Pyro model (`pyroflows.AutoFlow`), checked with importance-weight
 # diagnostics. Run `python tutorials/02_variational_inference.py`; figures go to
-# `tutorials/output/`. `PYROFLOWS_QUICK=1` runs everything with few steps (the test suite
-# does that).
+# `tutorials/output/`, or to the folder that `PYROFLOWS_OUTPUT` names. `PYROFLOWS_QUICK=1`
+# runs everything with few steps (the test suite does that).
 
 # %%
 import json
@@ -34,8 +34,8 @@ from pyroflows.inference.targets import (
 )
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYROFLOWS_OUTPUT", HERE / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 QUICK = os.environ.get("PYROFLOWS_QUICK") == "1"
 STEPS = 100 if QUICK else 3000
 torch.manual_seed(0)

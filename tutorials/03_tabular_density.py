@@ -6,7 +6,8 @@
 # tumours, 30 measurements each). We fit the density of benign tumours, compare its
 # held-out log-likelihood with a Gaussian's and a Gaussian mixture's, draw synthetic rows,
 # and use the density to flag unusual tumours. Run `python tutorials/03_tabular_density.py`;
-# figures go to `tutorials/output/`. `PYROFLOWS_QUICK=1` trains for a few epochs only.
+# figures go to `tutorials/output/`, or to the folder that `PYROFLOWS_OUTPUT` names.
+# `PYROFLOWS_QUICK=1` trains for a few epochs only.
 
 # %%
 import os
@@ -23,8 +24,8 @@ from sklearn.metrics import roc_auc_score
 import pyroflows
 from pyroflows.density.baselines import gaussian_loglik, mixture_loglik
 
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYROFLOWS_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 QUICK = os.environ.get("PYROFLOWS_QUICK") == "1"
 
 table = load_breast_cancer(as_frame=True).frame
@@ -108,7 +109,7 @@ fig.savefig(OUT / "03_anomaly_scores.png", dpi=80)
 
 # %%
 path = OUT / "benign.pt"
-estimator.save(path)
+estimator.save(path, overwrite=True)
 loaded = pyroflows.DensityEstimator.load(path)
 assert np.allclose(loaded.log_prob(test), benign_scores)
 print("reloaded model gives the same log-densities")

@@ -12,12 +12,12 @@ import torch
 from torch import Tensor
 
 from pyroflows._checks import check_positive_float, check_positive_int
+from pyroflows._io import write_atomically
 from pyroflows.density.tabular import (
     Column,
     Schema,
     TabularDensity,
     check_values,
-    gaussian_moments,
     infer_schema,
 )
 from pyroflows.density.training import fit_max_likelihood
@@ -26,6 +26,19 @@ from pyroflows.transforms import Flow
 from pyroflows.transforms.registry import build, check_options, list_flows
 
 FORMAT = "pyroflows.DensityEstimator/1"
+# The entries of a saved model that load needs, with their types.
+ENTRIES = {
+    "flow": str,
+    "options": dict,
+    "training": dict,
+    "support": (dict, type(None)),
+    "auto_support": bool,
+    "seed": (int, type(None)),
+    "dtype": str,
+    "schema": dict,
+    "state": dict,
+}
+SCHEMA_ENTRIES = {"columns": list, "source": str, "extra": dict}
 
 
 class DensityEstimator:
@@ -160,21 +173,14 @@ class DensityEstimator:
             }
 
         flow = self._build_flow()
-        if not _scores_in_one_pass(flow):
-            works = [n for n in list_flows() if _scores_in_one_pass(build(n, 2))]
-            kind = flow.inverse_method if flow.inverse_method != "analytic" else "sequential"
+        if flow.inverse_method != "analytic":
             raise ValueError(
-                f"flow family {self.flow!r} has a {kind} inverse; a density estimator "
-                f"scores data with the inverse on every step, so it needs an analytic "
-                f"one-pass inverse: {', '.join(works)}"
+                f"flow family {self.flow!r} has a {flow.inverse_method} inverse; a density "
+                f"estimator scores data with the inverse on every step, so it needs an "
+                f"analytic one-pass inverse: {', '.join(density_families())}"
             )
         self.model = _assemble(self.schema.columns, flow, device, dtype)
-        self.model.eval()  # dequantise at the midpoint to fit the whitening Gaussian
-        self.model.set_whitening(*gaussian_moments(self.model.to_real(train)[0]))
-        if contexts is not None:
-            scale = split["train_context"].std(0)
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            self.model.set_context_scaling(split["train_context"].mean(0), scale)
+        self.model.initialize(train, split.get("train_context"))
         self.history = fit_max_likelihood(
             self.model,
             train,
@@ -251,65 +257,111 @@ class DensityEstimator:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted model (weights, preprocessing, options) to one file."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the fitted model (weights, preprocessing, options) to one file.
+
+        The file is written whole or not at all: into a temporary file in the same folder,
+        which is then renamed over ``path`` (:func:`os.replace`), so a write that fails
+        partway (a full disk) leaves whatever was at ``path`` as it was. An existing ``path``
+        is refused with a ``FileExistsError`` unless ``overwrite=True``; a missing or
+        read-only folder raises before anything is written. :meth:`load` reads the file back.
+
+        Example:
+            >>> import tempfile
+            >>> from pathlib import Path
+            >>> frame = pd.DataFrame({"x": np.random.default_rng(0).normal(size=100)})
+            >>> model = DensityEstimator("nice", epochs=2, progress=False, seed=0)
+            >>> history = model.fit(frame)
+            >>> path = Path(tempfile.mkdtemp()) / "model.pt"
+            >>> model.save(path)
+            >>> model.save(path)
+            Traceback (most recent call last):
+            ...
+            FileExistsError: '...model.pt' already exists; pass overwrite=True to replace it
+            >>> model.save(path, overwrite=True)
+            >>> DensityEstimator.load(path).score(frame) == model.score(frame)
+            True
+        """
         model, schema = self._fitted()
-        torch.save(
-            {
-                "format": FORMAT,
-                "flow": self.flow,
-                "options": _plain(self.options),
-                "training": self.training,
-                "support": _plain(self.support),
-                "auto_support": self.auto_support,
-                "seed": self.seed,
-                "dtype": str(self._dtype).removeprefix("torch."),
-                "schema": {
-                    "columns": [c.to_dict() for c in schema.columns],
-                    "source": schema.source,
-                    "extra": _plain(schema.extra),
-                },
-                "context_columns": self.context_columns,
-                "state": {k: v.cpu() for k, v in model.state_dict().items()},
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        damaged = _non_finite(state)
+        if damaged is not None:
+            raise ValueError(
+                f"not saving {os.fspath(path)!r}: the model's parameter {damaged!r} has NaN or "
+                "inf values, so the model cannot score data; refit it"
+            )
+        saved = {
+            "format": FORMAT,
+            "flow": self.flow,
+            "options": _plain(self.options),
+            "training": self.training,
+            "support": _plain(self.support),
+            "auto_support": self.auto_support,
+            "seed": self.seed,
+            "dtype": str(self._dtype).removeprefix("torch."),
+            "schema": {
+                "columns": [c.to_dict() for c in schema.columns],
+                "source": schema.source,
+                "extra": _plain(schema.extra),
             },
-            path,
-        )
+            "context_columns": self.context_columns,
+            "state": state,
+        }
+        write_atomically(path, lambda temporary: torch.save(saved, temporary), overwrite=overwrite)
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, device: torch.device | str | None = None
     ) -> DensityEstimator:
-        """Read a model written by :meth:`save` (safe: no pickled code is run)."""
+        """Read a model written by :meth:`save` onto ``device`` (default: the CPU).
+
+        Safe: the file is read with ``torch.load(weights_only=True)``, so a file whose
+        unpickling would run code is refused, and that code never runs. Strict: a file that
+        is not a whole, sound model (not a pyroflows model, an entry missing or of the wrong
+        type, weights that do not fit the saved layout, NaN or inf weights) raises a
+        ``ValueError`` that names the file and what is wrong, instead of giving a model
+        that scores NaN.
+        """
+        name = os.fspath(path)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no model file at {os.fspath(path)!r}")
+            raise FileNotFoundError(f"no model file at {name!r}")
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise ValueError(
-                f"{os.fspath(path)!r} is not a pyroflows model file: {error}"
-            ) from None
+            raise ValueError(f"{name!r} is not a pyroflows model file: {error}") from None
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} file")
-        estimator = cls(
-            saved["flow"],
-            support=saved["support"],
-            auto_support=saved["auto_support"],
-            seed=saved["seed"],
-            progress=False,
-            **saved["training"],
-            **saved["options"],
-        )
-        columns = [Column(**c) for c in saved["schema"]["columns"]]
-        estimator.schema = Schema(
-            columns, saved["schema"]["source"], extra=saved["schema"]["extra"]
-        )
-        estimator._dtype = _torch_dtype(saved["dtype"])
-        estimator._device = torch.device(device) if device is not None else torch.device("cpu")
-        estimator.context_columns = saved.get("context_columns")
-        flow = estimator._build_flow()
+            raise ValueError(f"{name!r} is not a {FORMAT} file")
+        _check_entries(saved, ENTRIES, name, "")
+        _check_entries(saved["schema"], SCHEMA_ENTRIES, name, "schema.")
         state = saved["state"]
-        estimator.model = _assemble(columns, flow, estimator._device, estimator._dtype)
-        estimator.model.load_state_dict(state)
+        damaged = _non_finite(state)
+        if damaged is not None:
+            raise ValueError(
+                f"{name!r} holds a damaged model: its parameter {damaged!r} has NaN or inf "
+                "values, so it cannot score data; refit and save it again"
+            )
+        try:
+            estimator = cls(
+                saved["flow"],
+                support=saved["support"],
+                auto_support=saved["auto_support"],
+                seed=saved["seed"],
+                progress=False,
+                **saved["training"],
+                **saved["options"],
+            )
+            columns = [Column(**c) for c in saved["schema"]["columns"]]
+            estimator.schema = Schema(
+                columns, saved["schema"]["source"], extra=saved["schema"]["extra"]
+            )
+            estimator._dtype = _torch_dtype(saved["dtype"])
+            estimator._device = torch.device("cpu" if device is None else device)
+            estimator.context_columns = saved.get("context_columns")
+            flow = estimator._build_flow()
+            estimator.model = _assemble(columns, flow, estimator._device, estimator._dtype)
+            estimator.model.load_state_dict(state)
+        except (TypeError, ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(f"{name!r} is a damaged {FORMAT} file: {error}") from error
         estimator.model.eval()
         return estimator
 
@@ -369,7 +421,8 @@ class DensityEstimator:
         return frame
 
     def _context_frame(self, context: Any, n_rows: int | None) -> pd.DataFrame:
-        """A context table, checked: numeric, finite, one row per data row."""
+        """A context table, checked: numeric, finite (in the model's dtype too), one row per
+        data row."""
         if isinstance(context, pd.DataFrame):
             frame = context
         elif isinstance(context, (np.ndarray, Tensor)):
@@ -383,6 +436,7 @@ class DensityEstimator:
         if n_rows is not None and len(frame) != n_rows:
             raise ValueError(f"context has {len(frame)} rows, the data {n_rows}")
         check_values(frame)
+        _cast(frame, self._dtype, "context column")
         return frame
 
     def _checked_context(self, context: Any, n_rows: int | None) -> Tensor | None:
@@ -407,13 +461,28 @@ class DensityEstimator:
             )
         return self._to_tensor(frame)
 
-    def _to_tensor(self, frame: pd.DataFrame) -> Tensor:
-        values = frame.to_numpy(dtype=np.float64)
-        return torch.tensor(values, device=self._device, dtype=self._dtype)
+    def _to_tensor(self, frame: pd.DataFrame, what: str = "column") -> Tensor:
+        """The (checked) table as a tensor in the model's dtype, on its device.
+
+        Values finite in float64 can overflow a smaller dtype (``1e39`` is ``inf`` in
+        float32); those are refused here, naming the column (a ``what``) and the dtype.
+        """
+        return _cast(frame, self._dtype, what).to(self._device)
 
     def __repr__(self) -> str:
         state = f"fitted on {len(self.schema.columns)} columns" if self.schema else "not fitted"
         return f"DensityEstimator(flow={self.flow!r}, {state})"
+
+
+def density_families() -> list[str]:
+    """The registered families a density estimator takes: those whose inverse (the density
+    direction) is one analytic pass.
+
+    Example:
+        >>> "realnvp" in density_families(), "planar" in density_families()
+        (True, False)
+    """
+    return [name for name in list_flows() if build(name, 2).inverse_method == "analytic"]
 
 
 def _assemble(
@@ -465,5 +534,44 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _scores_in_one_pass(flow: Flow) -> bool:
-    return flow.inverse_method == "analytic" and flow.fast_inverse
+def _cast(frame: pd.DataFrame, dtype: torch.dtype, what: str) -> Tensor:
+    """``frame`` as a CPU tensor of ``dtype``, refusing values that overflow it (naming the
+    first such ``what``, e.g. column, with a row and the dtype)."""
+    values = frame.to_numpy(dtype=np.float64)
+    tensor = torch.tensor(values, dtype=dtype)
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        column = int(bad.any(0).nonzero()[0, 0])
+        rows = bad[:, column].nonzero()[:, 0]
+        row = int(rows[0])
+        kind = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"{what} {frame.columns[column]!r} has values too large for {kind}, the model's "
+            f"dtype ({len(rows)} of them, e.g. {float(values[row, column])!r} at row "
+            f"{frame.index[[row]].tolist()[0]!r}: inf in {kind}); rescale the column, or fit with "
+            "dtype=torch.float64"
+        )
+    return tensor
+
+
+def _non_finite(state: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` with a NaN or inf, if any."""
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                return key
+    return None
+
+
+def _check_entries(saved: dict[str, Any], entries: dict[str, Any], name: str, prefix: str) -> None:
+    """Refuse a saved model without one of ``entries`` or with one of the wrong type."""
+    for key, kind in entries.items():
+        if key not in saved:
+            raise ValueError(
+                f"{name!r} is not a complete {FORMAT} file: it has no {prefix + key!r} entry"
+            )
+        if not isinstance(saved[key], kind):
+            raise ValueError(
+                f"{name!r} is a damaged {FORMAT} file: its {prefix + key!r} entry is a "
+                f"{type(saved[key]).__name__}"
+            )

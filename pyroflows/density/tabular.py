@@ -172,7 +172,7 @@ def check_values(frame: pd.DataFrame) -> None:
         numbers = values.to_numpy(dtype=np.float64, na_value=np.nan)
         bad = ~np.isfinite(numbers)
         if bad.any():
-            rows = list(frame.index[bad][:5])
+            rows = frame.index[bad][:5].tolist()  # plain Python values, not np.int64(...)
             raise ValueError(
                 f"column {name!r} has {int(bad.sum())} missing or non-finite values "
                 f"(NaN or inf), e.g. at rows {rows}; drop or impute them first"
@@ -223,6 +223,24 @@ class TabularDensity(nn.Module):
         self.chol.copy_(chol)
         eye = torch.eye(len(chol), dtype=chol.dtype, device=chol.device)
         self.chol_inverse.copy_(torch.linalg.solve_triangular(chol, eye, upper=False))
+
+    @torch.no_grad()
+    def initialize(self, rows: Tensor, context: Tensor | None = None) -> None:
+        """Start from the training ``rows`` (and their ``context``): whiten by the Gaussian
+        fitted to them (dequantised at the midpoint), standardise the contexts, then start
+        the flow from the whitened rows (:meth:`~pyroflows.transforms.Flow.initialize`).
+
+        The only data-dependent start; :meth:`~pyroflows.DensityEstimator.fit` calls it.
+        """
+        training = self.training
+        self.eval()  # midpoint dequantisation
+        self.set_whitening(*gaussian_moments(self.to_real(rows)[0]))
+        if context is not None:
+            scale = context.std(0)
+            self.set_context_scaling(context.mean(0), torch.where(scale > 0, scale, 1.0))
+        u = self.whiten(self.to_real(rows)[0])[0]
+        self.transform.initialize(u, self._scaled(context))
+        self.train(training)
 
     @torch.no_grad()
     def set_context_scaling(self, mean: Tensor, scale: Tensor) -> None:

@@ -16,13 +16,14 @@ from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import get_plates
 from torch import Tensor
 from torch.distributions import constraints, transform_to
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
 from pyroflows.inference.vi import posterior_flow
-from pyroflows.transforms import Flow, FlowStack, Packed
+from pyroflows.transforms import CholeskyAffine, Flow, FlowStack
 from pyroflows.transforms.registry import check_options
 
 
@@ -46,18 +47,23 @@ class AutoFlow(AutoContinuous):
     is any Gaussian, parametrised as in
     :class:`~pyro.infer.autoguide.AutoMultivariateNormal` (:math:`L = DL_1`, a positive
     diagonal times a unit lower-triangular factor), so it contains that guide; the flow
-    acts on standardised values. The parameters are packed into two tensors, the flow's and
-    the Gaussian's (:class:`~pyroflows.transforms.Packed`), so a Pyro optimiser makes two
-    steps per SVI step rather than one per layer weight.
+    acts on standardised values. ``guide.transform`` is the plain
+    :class:`~pyroflows.FlowStack` of the two parts, ``guide.flow`` (a
+    :func:`~pyroflows.build` of the family, whose ``state_dict`` loads into one) and
+    ``guide.gaussian`` (:class:`~pyroflows.transforms.CholeskyAffine`); the latent vector
+    is drawn with its log-density in one forward pass
+    (:meth:`~pyroflows.FlowDistribution.rsample_and_log_prob`) and recorded as a
+    :class:`~pyro.distributions.Delta` that carries it, as Pyro's autoguides record each
+    site.
 
     Two options make flow guides as reliable as the Gaussian on near-Gaussian posteriors,
     where early steps otherwise bend the flow to chase a far-off mode and leave it in a
     worse optimum than the Gaussian it contains:
 
-    * ``warmup=n`` holds the flow at the identity for the first ``n`` guide calls that
-      record gradients (SVI steps, with one particle or vectorised particles), so that
-      :math:`\mu, L` first fit the best Gaussian; the flow then refines it. The flow's
-      tensor gets no gradient until then (not a zero one), so an optimiser starts its
+    * ``warmup=n`` leaves the flow out (at its identity start) for the first ``n`` guide
+      calls that record gradients (SVI steps, with one particle or vectorised particles),
+      so that :math:`\mu, L` first fit the best Gaussian; the flow then refines it. Its
+      parameters get no gradient until then (not a zero one), so an optimiser starts their
       state at the release: Adam's first steps are then as small as at any start, where
       after a thousand zero gradients they would be several times the learning rate.
       (Not under ``JitTrace_ELBO``, which runs the guide's Python once: refused there.)
@@ -69,8 +75,8 @@ class AutoFlow(AutoContinuous):
       importance-weighted bounds such as ``RenyiELBO``).
 
     Sampling and scoring a draw cost one forward pass of the flow, for planar and radial
-    flows too (see :class:`~pyroflows.FlowDistribution`). Actnorm layers skip their
-    data-dependent start (there is no data) and start at the identity like the rest.
+    flows too. Actnorm layers start at the identity like the rest (there is no data to
+    start them from).
     Device and dtype follow the model's tensors. Supports whose bounds depend on other
     latent sites (e.g. ``Uniform(0, 1 - a)``) are evaluated at each draw's own values, by
     replaying the model (Pyro's autoguides freeze such bounds at the initial point).
@@ -134,10 +140,9 @@ class AutoFlow(AutoContinuous):
                         "sites with an amortised guide."
                     )
         init = self._init_loc()
-        family, affine = posterior_flow(
-            self._flow_name, init, self._init_scale, **self._flow_options
+        self.transform = FlowStack(
+            posterior_flow(self._flow_name, init, self._init_scale, **self._flow_options)
         )
-        self.transform = FlowStack([Packed(family), Packed(affine)])
         self.register_buffer("_base_loc", torch.zeros_like(init))  # follows .to(device)
         self._dependent = _sites_with_dependent_support(self.model, self.prototype_trace)
 
@@ -164,12 +169,41 @@ class AutoFlow(AutoContinuous):
     def get_base_dist(self) -> dist.Distribution:
         return dist.Normal(self._base_loc, torch.ones_like(self._base_loc)).to_event(1)
 
+    @property
+    def flow(self) -> Flow:
+        """The family's flow: a plain :func:`~pyroflows.build`, whose ``state_dict`` loads
+        into one."""
+        return self.transform[0]
+
+    @property
+    def gaussian(self) -> CholeskyAffine:
+        r"""The Gaussian part, :math:`z \mapsto \mu + L z`."""
+        return self.transform[1]
+
     def get_transform(self, *args: Any, **kwargs: Any) -> Flow:
-        return self.transform
+        """The flow of the posterior: the family, then the Gaussian part (the Gaussian part
+        alone during the warm-up)."""
+        warming = self._calls <= self._warmup and self._warmup > 0
+        return self.transform[1] if warming else self.transform
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> FlowDistribution:
         """The guide's distribution over the unconstrained latent vector."""
-        return FlowDistribution(self.get_base_dist(), self.transform, stl=self._stl)
+        return FlowDistribution(self.get_base_dist(), self.get_transform(), stl=self._stl)
+
+    def sample_latent(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Draw the unconstrained latent vector and its log-density in one forward pass.
+
+        The draw is shaped by the enclosing plates (e.g. vectorised particles) and recorded
+        at the auxiliary latent site as a :class:`~pyro.distributions.Delta` carrying its
+        log-density.
+        """
+        posterior = self.get_posterior(*args, **kwargs)
+        batch = [1] * max([-frame.dim for frame in get_plates()], default=0)
+        for frame in get_plates():
+            batch[frame.dim] = frame.size
+        latent, log_q = posterior.expand(torch.Size(batch)).rsample_and_log_prob()
+        site = dist.Delta(latent, log_density=log_q, event_dim=1)
+        return pyro.sample(f"_{self._pyro_name}_latent", site, infer={"is_auxiliary": True})
 
     def get_extra_state(self) -> dict[str, int]:
         return {"calls": self._calls}
@@ -187,7 +221,6 @@ class AutoFlow(AutoContinuous):
             )
         if torch.is_grad_enabled():
             self._calls += 1
-        self.transform[0].held = self._calls <= self._warmup
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         result = {}

@@ -13,8 +13,7 @@ from tqdm.auto import tqdm
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
-from pyroflows.transforms import CholeskyAffine, FlowStack
-from pyroflows.transforms.actnorm import skip_data_init
+from pyroflows.transforms import CholeskyAffine, Flow, FlowStack
 from pyroflows.transforms.registry import build
 
 LogDensity = Callable[[Tensor], Tensor]
@@ -87,7 +86,7 @@ def fit_reverse_kl(
     loc = _initial_point(init_loc, dim, device, dtype)
     _check_log_density(log_density, loc)
 
-    transform = posterior_flow(flow, loc, init_scale, **options)
+    transform = FlowStack(posterior_flow(flow, loc, init_scale, **options))
     zeros = torch.zeros_like(loc)
     base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
     q = FlowDistribution(base, transform, stl=stl)
@@ -117,8 +116,10 @@ def fit_reverse_kl(
     return FlowDistribution(base, transform)
 
 
-def posterior_flow(flow: str, loc: Tensor, scale: float, **options: Any) -> FlowStack:
-    r"""The flow of a variational posterior: family ``flow``, then an affine map.
+def posterior_flow(
+    flow: str, loc: Tensor, scale: float, **options: Any
+) -> tuple[Flow, CholeskyAffine]:
+    r"""The two parts of a variational posterior's flow: family ``flow``, then an affine map.
 
     Draws are :math:`z = L f(\epsilon) + b`, :math:`\epsilon \sim \mathcal{N}(0, I)`, with
     :math:`f` the family's stack (built with ``**options``, in standardised coordinates)
@@ -128,22 +129,22 @@ def posterior_flow(flow: str, loc: Tensor, scale: float, **options: Any) -> Flow
     the flow at the identity it is any Gaussian, so it contains the full-covariance
     Gaussian guide. :math:`L`'s rows are scale-free (a row's scale times a unit row), so
     a posterior whose scales differ by orders of magnitude is fitted as readily as by
-    Pyro's ``AutoMultivariateNormal``. Actnorm layers skip their data-dependent start.
+    Pyro's ``AutoMultivariateNormal``. Returns the two parts, on ``loc``'s device and
+    dtype; the flow is :class:`~pyroflows.FlowStack` of them.
 
     Example:
         >>> import torch
-        >>> flow = posterior_flow("planar", torch.tensor([1.0, 2.0]), 0.5)
-        >>> flow.forward_and_log_det(torch.zeros(2))[0]
+        >>> family, affine = posterior_flow("planar", torch.tensor([1.0, 2.0]), 0.5)
+        >>> FlowStack([family, affine]).forward_and_log_det(torch.zeros(2))[0]
         tensor([1., 2.], grad_fn=<AddBackward0>)
     """
     dim = len(loc)
-    affine = CholeskyAffine(dim)
-    stack = FlowStack([build(flow, dim, **options), affine]).to(device=loc.device, dtype=loc.dtype)
+    family = build(flow, dim, **options).to(device=loc.device, dtype=loc.dtype)
+    affine = CholeskyAffine(dim).to(device=loc.device, dtype=loc.dtype)
     with torch.no_grad():
         affine.log_scale.fill_(math.log(scale))
         affine.bias.copy_(loc)
-    skip_data_init(stack)
-    return stack
+    return family, affine
 
 
 def _check_finite(not_finite: Tensor, step: int) -> None:

@@ -10,7 +10,6 @@ from pyroflows.transforms.coupling import Coupling, coupling_masks
 from pyroflows.transforms.elementwise import Affine, Elementwise, Inverted, Shift
 from pyroflows.transforms.glow import glow
 from pyroflows.transforms.linear import CholeskyAffine, LULinear
-from pyroflows.transforms.packed import Packed
 from pyroflows.transforms.planar import Planar
 from pyroflows.transforms.radial import Radial
 from pyroflows.transforms.spline import RationalQuadratic, nsf, nsf_ar
@@ -31,7 +30,6 @@ __all__ = [
     "LocScale",
     "Method",
     "NotInvertibleError",
-    "Packed",
     "Planar",
     "Radial",
     "RationalQuadratic",

@@ -3,7 +3,6 @@ r"""Elementwise affine layers: a plain one, and Glow's actnorm with a data-depen
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -71,14 +70,16 @@ class LocScale(Flow):
 
 
 class ActNorm(LocScale):
-    r"""A :class:`LocScale` layer that starts from the data it first sees (Glow's actnorm).
+    r"""A :class:`LocScale` layer that can start from data (Glow's actnorm).
 
-    It starts as the identity. The first inverse pass in training mode over a batch of at
-    least two vectors (the density direction: data in, noise out) sets :math:`t` and
-    :math:`s` to the batch's mean and log standard deviation, so that its output has zero
-    mean and unit variance per dimension (Kingma & Dhariwal 2018, sec. 3.1). Forward passes
-    (sampling, variational inference) never initialise, so a guide still starts at the
-    identity. Whether the layer is initialised is a buffer, saved in its ``state_dict``.
+    It starts as the identity. :meth:`initialize` with a batch of at least two vectors on
+    its output side (the density direction: data in, noise out) sets :math:`t` and
+    :math:`s` to the batch's mean and log standard deviation, so that the layer maps that
+    batch to zero mean and unit variance per dimension (Kingma & Dhariwal 2018, sec. 3.1).
+    Only that explicit call starts it from data; no pass ever does, so a flow of actnorm
+    layers is one fixed function whichever method is called first (a guide's actnorm
+    layers stay at the identity start). :class:`~pyroflows.DensityEstimator` calls
+    ``flow.initialize(rows)`` in ``fit``.
 
     References:
         Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018)
@@ -88,62 +89,32 @@ class ActNorm(LocScale):
         >>> import torch
         >>> layer = ActNorm(2)
         >>> data = torch.randn(1000, 2) * torch.tensor([3.0, 0.5]) + 10
+        >>> torch.equal(layer.inverse_and_log_det(data)[0], data)  # the identity until started
+        True
+        >>> layer.initialize(data)
         >>> z, _ = layer.inverse_and_log_det(data)
-        >>> torch.allclose(z.mean(0), torch.zeros(2), atol=1e-5), bool(layer.initialized)
-        (True, True)
+        >>> torch.allclose(z.mean(0), torch.zeros(2), atol=1e-5)
+        True
     """
 
     def __init__(self, dim: int, context: int = 0, hidden: Sequence[int] = (64, 64)) -> None:
         super().__init__(torch.zeros(dim), context=context, hidden=hidden)
-        self.register_buffer("initialized", torch.tensor(False))
-        self._known_initialized = False
-        self.register_load_state_dict_post_hook(_forget_initialized)
-
-    def inverse_and_log_det(
-        self, y: Tensor, context: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        if self.training and not self._is_initialized():
-            self._initialize(y.reshape(-1, self.dim))
-        return super().inverse_and_log_det(y, context)
-
-    def _is_initialized(self) -> bool:
-        # Read the buffer (a device sync) only until it is known to be set.
-        if not self._known_initialized:
-            self._known_initialized = bool(self.initialized)
-        return self._known_initialized
 
     @torch.no_grad()
-    def _initialize(self, data: Tensor) -> None:
-        if data.shape[0] < 2:
-            return
-        mean, std = data.mean(0), data.std(0)
-        self.shift.copy_(mean)
+    def initialize(self, y: Tensor, context: Tensor | None = None) -> None:
+        """Set :math:`t, s` to the mean and log standard deviation of the rows ``y``.
+
+        The context is not read: the hypernetwork's offsets start at zero. Fewer than two
+        rows are refused, and a constant dimension keeps a unit scale.
+        """
+        rows = y.reshape(-1, self.dim)
+        if rows.shape[0] < 2:
+            raise ValueError(
+                f"actnorm starts from at least two rows of data, got {rows.shape[0]}"
+            )
+        std = rows.std(0)
+        self.shift.copy_(rows.mean(0))
         self.log_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)).log())
-        self.initialized.fill_(True)
-        self._known_initialized = True
-
-
-def skip_data_init(module: nn.Module) -> None:
-    """Mark every :class:`ActNorm` in ``module`` as initialised, keeping its current values.
-
-    Variational inference has no data to start from: a guide's actnorm layers start at the
-    identity and stay plain learned affine maps, whatever points the guide later scores.
-
-    Example:
-        >>> import torch, pyroflows
-        >>> flow = pyroflows.build("glow", 2)
-        >>> skip_data_init(flow)
-        >>> flow.inverse_and_log_det(torch.randn(100, 2) * 5)[1].abs().max().item()
-        0.0
-    """
-    for layer in module.modules():
-        if isinstance(layer, ActNorm):
-            layer.initialized.fill_(True)
-            layer._known_initialized = True
-
-
-def _forget_initialized(module: ActNorm, incompatible_keys: Any) -> None:
-    module._known_initialized = False
 
 
 @register_flow("actnorm")

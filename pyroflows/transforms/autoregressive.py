@@ -70,10 +70,9 @@ class Autoregressive(Flow):
             dim, transformer.n_params, hidden, activation, order, context, residual
         )
         self.context_features = context
-
-    @property
-    def fast_inverse(self) -> bool:  # type: ignore[override]
-        return self.conditioner == "data"
+        one_pass, passes = "analytic", "sequential"
+        self.forward_method = passes if conditioner == "data" else one_pass
+        self.inverse_method = one_pass if conditioner == "data" else passes
 
     def _sequential(self, target: Tensor, step, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """Solve ``out = step(target, net(out))`` by ``dim`` passes, one position at a time."""

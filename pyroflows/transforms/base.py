@@ -5,19 +5,27 @@ A flow layer is an invertible map :math:`f` on :math:`\mathbb{R}^d`. Each layer 
 * ``forward_and_log_det(x) -> (y, log|det J_f(x)|)``
 * ``inverse_and_log_det(y) -> (x, log|det J_{f^{-1}}(y)|)`` with :math:`x = f^{-1}(y)`,
 
-so that :math:`\log|\det J_{f^{-1}}(y)| = -\log|\det J_f(x)|`. Everything torch's
+so that :math:`\log|\det J_{f^{-1}}(y)| = -\log|\det J_f(x)|`, and declares how each
+direction is computed (``forward_method``, ``inverse_method``): ``"analytic"`` (closed
+form, one pass), ``"sequential"`` (closed form, one pass per dimension), ``"numerical"``
+(root finding, exact to the solver's tolerance) or ``"unavailable"``. Everything torch's
 :class:`~torch.distributions.Transform` API asks for (``_call``, ``_inverse``,
-``log_abs_det_jacobian``) derives from these two, and nothing is cached: a result never
-outlives the parameters that produced it, so an optimiser step can never leave a stale value
-behind (Pyro's built-in flows cache the last ``(x, y)`` pair by tensor identity).
+``log_abs_det_jacobian``) derives from the two primitives, and nothing is cached: a result
+never outlives the parameters that produced it (Pyro's built-in flows cache the last
+``(x, y)`` pair by tensor identity).
 
-Each layer states per direction how it is computed: ``"analytic"`` (closed form),
-``"numerical"`` (root finding, exact to the solver's tolerance) or ``"unavailable"``.
+A flow is one fixed function of its parameters and buffers, whichever method is called
+first: a data-dependent start (actnorm) happens only in the explicit call
+``flow.initialize(data)``.
 
 Conditional layers (``context_features > 0``) also take ``context=``, a tensor of shape
 ``(..., context_features)`` whose batch shape broadcasts against the input's; they feed it
 to their parameter networks, so the map is :math:`f(\cdot\,; c)`. ``flow.condition(c)``
 fixes the context and returns an ordinary flow.
+
+Two more methods have correct defaults that a layer may replace by something faster:
+:meth:`Flow.forward_and_score` and :meth:`Flow.inverse_and_log_det_given`, which the
+path-derivative gradient uses.
 """
 
 from __future__ import annotations
@@ -30,20 +38,33 @@ from pyro.distributions import TransformModule
 from torch import Tensor
 from torch.distributions import constraints
 
-Method = Literal["analytic", "numerical", "unavailable"]
-_RANK = {"analytic": 0, "numerical": 1, "unavailable": 2}
+Method = Literal["analytic", "sequential", "numerical", "unavailable"]
+METHODS: tuple[Method, ...] = ("analytic", "sequential", "numerical", "unavailable")
 
 
 class NotInvertibleError(RuntimeError):
     """Raised when a layer is asked for a direction whose method is ``"unavailable"``."""
 
 
+def least_exact(methods: Iterable[Method]) -> Method:
+    """The least exact (or cheap) of ``methods``, in the order of :data:`METHODS`.
+
+    Example:
+        >>> least_exact(["analytic", "numerical", "sequential"])
+        'numerical'
+    """
+    return max(methods, key=METHODS.index)
+
+
 class Flow(TransformModule):
     r"""Base class of every pyroflows layer and stack: an invertible map of ``dim``-vectors.
 
     Subclasses implement :meth:`forward_and_log_det` and :meth:`inverse_and_log_det` for any
-    batch shape ``(..., dim)``, returning the log-det with the batch shape ``(...)``. They set
-    the class attributes ``forward_method`` and ``inverse_method``. A flow is a Pyro
+    batch shape ``(..., dim)``, returning the log-det with the batch shape ``(...)``, and
+    set the class attributes ``forward_method`` and ``inverse_method`` where a direction is
+    not ``"analytic"`` (and ``analytic_score`` where they write out
+    :meth:`forward_and_score`). A conditional layer sets ``context_features`` and takes
+    ``context=`` in both primitives. A flow is a Pyro
     :class:`~pyro.distributions.TransformModule`, so it works in
     :class:`~pyro.distributions.TransformedDistribution`, ``pyro.module`` and Pyro's
     autoguides unchanged.
@@ -63,11 +84,9 @@ class Flow(TransformModule):
     bijective = True
     forward_method: Method = "analytic"
     inverse_method: Method = "analytic"
-    #: whether the inverse (density) direction is one pass, not ``dim`` sequential ones
-    fast_inverse: bool = True
     #: size of the context vector a conditional layer reads (0: not conditional)
     context_features: int = 0
-    #: whether :meth:`forward_and_score` is written out rather than taken by autograd
+    #: whether :meth:`forward_and_score` is written out (cheap) rather than autograd's
     analytic_score: bool = False
 
     def __init__(self, dim: int) -> None:
@@ -82,6 +101,12 @@ class Flow(TransformModule):
         """Return ``x = f^{-1}(y)`` and ``log|det J_{f^{-1}}(y)|``."""
         raise NotInvertibleError(f"{type(self).__name__} has no inverse direction")
 
+    @torch.no_grad()
+    def initialize(self, y: Tensor, context: Tensor | None = None) -> None:
+        """Start from data: set any data-dependent parameters from the rows ``y`` (the
+        density side of the flow, shape ``(n, dim)``). Most layers have none; actnorm
+        standardises its output. Nothing else ever changes a flow's function."""
+
     def inverse_and_log_det_given(
         self, y: Tensor, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -92,28 +117,27 @@ class Flow(TransformModule):
         the derivatives of the inverse (with respect to ``y`` and the parameters). Layers
         with a numerical inverse use ``x`` to skip their root search: one Newton step from
         the root gives the exact value and, by the implicit function theorem, the exact
-        derivatives. This is what a path-derivative gradient needs of a draw just made
-        (:class:`~pyroflows.FlowDistribution` with ``stl=True``). By default ``x`` is
-        ignored.
+        derivatives. By default ``x`` is ignored.
         """
         return call_with_context(self.inverse_and_log_det, y, context, self.context_features)
 
     def forward_and_score(
         self, x: Tensor, score: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        r"""``y = f(x)`` and the score of the pushed-forward density at ``y``, no gradients.
+        r"""``y = f(x)`` and :math:`\nabla_y \log q_Y(y)`, the gradient of the pushed-forward
+        log-density, without a graph.
 
-        If :math:`X` has density :math:`q_X` with score :math:`s = \nabla \log q_X(x)`,
-        then :math:`Y = f(X)` has
+        If :math:`X` has density :math:`q_X` with :math:`s = \nabla \log q_X(x)` (``score``,
+        the statisticians' name for it), then :math:`Y = f(X)` has
 
         .. math:: \nabla \log q_Y(y) = J_f(x)^{-\top}\big(s - \nabla_x \log|\det J_f(x)|\big).
 
-        Pushed through a whole flow from the base density's score, this is
-        :math:`\nabla_y \log q(y)` at a draw, all in the sampling direction: what the
-        path-derivative gradient needs (:class:`~pyroflows.FlowDistribution` with
-        ``stl=True``). Layers with ``analytic_score = True`` write it out; by default it
-        is the gradient in ``y`` of :math:`s^\top f^{-1}(y) + \log|\det J_{f^{-1}}(y)|`,
-        by autograd through :meth:`inverse_and_log_det_given`.
+        Pushed through a whole flow from the base density's, this is :math:`\nabla_y \log
+        q(y)` at a draw, all in the sampling direction: what the path-derivative gradient
+        needs (:class:`~pyroflows.FlowDistribution` with ``stl=True``). Planar layers and
+        :class:`~pyroflows.transforms.CholeskyAffine` write it out; by default it is the
+        gradient in ``y`` of :math:`s^\top f^{-1}(y) + \log|\det J_{f^{-1}}(y)|`, by autograd
+        through :meth:`inverse_and_log_det_given`.
         """
         with torch.no_grad():
             y = call_with_context(self.forward_and_log_det, x, context, self.context_features)[0]
@@ -185,22 +209,9 @@ class FlowStack(Flow):
         super().__init__(dims.pop())
         self.layers = torch.nn.ModuleList(layers)
         self.context_features = contexts.pop() if contexts else 0
-
-    @property
-    def forward_method(self) -> Method:  # type: ignore[override]
-        return max((layer.forward_method for layer in self.layers), key=_RANK.__getitem__)
-
-    @property
-    def inverse_method(self) -> Method:  # type: ignore[override]
-        return max((layer.inverse_method for layer in self.layers), key=_RANK.__getitem__)
-
-    @property
-    def fast_inverse(self) -> bool:  # type: ignore[override]
-        return all(layer.fast_inverse for layer in self.layers)
-
-    @property
-    def analytic_score(self) -> bool:  # type: ignore[override]
-        return all(layer.analytic_score for layer in self.layers)
+        self.forward_method = least_exact(layer.forward_method for layer in layers)
+        self.inverse_method = least_exact(layer.inverse_method for layer in layers)
+        self.analytic_score = all(layer.analytic_score for layer in layers)
 
     def forward_and_log_det(
         self, x: Tensor, context: Tensor | None = None
@@ -224,6 +235,17 @@ class FlowStack(Flow):
             total = total + ladj
         return y, total.expand(y.shape[:-1])
 
+    @torch.no_grad()
+    def initialize(self, y: Tensor, context: Tensor | None = None) -> None:
+        """Start each layer from the data as it reaches it in the density direction (last
+        layer first), so that e.g. an actnorm between couplings sees that coupling's output.
+        """
+        for layer in reversed(self.layers):
+            layer.initialize(y, context)
+            y = call_with_context(layer.inverse_and_log_det, y, context, layer.context_features)[
+                0
+            ]
+
     def inverse_and_log_det_given(
         self, y: Tensor, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -231,7 +253,7 @@ class FlowStack(Flow):
 
         A stack whose layers all invert in closed form just inverts.
         """
-        if self.inverse_method == "analytic":
+        if self.inverse_method in ("analytic", "sequential"):
             return self.inverse_and_log_det(y, context)
         inputs = [x.detach()]
         with torch.no_grad():
@@ -284,28 +306,17 @@ class Conditioned(Flow):
         super().__init__(flow.dim)
         self.flow = flow
         self.context = context
-
-    @property
-    def forward_method(self) -> Method:  # type: ignore[override]
-        return self.flow.forward_method
-
-    @property
-    def inverse_method(self) -> Method:  # type: ignore[override]
-        return self.flow.inverse_method
-
-    @property
-    def fast_inverse(self) -> bool:  # type: ignore[override]
-        return self.flow.fast_inverse
-
-    @property
-    def analytic_score(self) -> bool:  # type: ignore[override]
-        return self.flow.analytic_score
+        self.forward_method, self.inverse_method = flow.forward_method, flow.inverse_method
+        self.analytic_score = flow.analytic_score
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.flow.forward_and_log_det(x, context=self.context)
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return self.flow.inverse_and_log_det(y, context=self.context)
+
+    def initialize(self, y: Tensor, context: Tensor | None = None) -> None:
+        self.flow.initialize(y, self.context)
 
     def inverse_and_log_det_given(
         self, y: Tensor, x: Tensor, context: Tensor | None = None

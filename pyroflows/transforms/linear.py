@@ -127,9 +127,21 @@ class CholeskyAffine(Flow):
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
-        self.lower = nn.Parameter(torch.zeros(dim, dim))
-        self.log_scale = nn.Parameter(torch.zeros(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        #: :math:`b`, :math:`s` and :math:`L` (its strict lower triangle is read) in one
+        #: vector (Pyro's optimisers step tensor by tensor)
+        self.params = nn.Parameter(torch.zeros(dim * (dim + 2)))
+
+    @property
+    def bias(self) -> Tensor:
+        return self.params[: self.dim]
+
+    @property
+    def log_scale(self) -> Tensor:
+        return self.params[self.dim : 2 * self.dim]
+
+    @property
+    def lower(self) -> Tensor:
+        return self.params[2 * self.dim :].view(self.dim, self.dim)
 
     def scale_tril(self) -> Tensor:
         """The lower-triangular factor :math:`DL`."""

@@ -33,6 +33,13 @@ class MLP(nn.Module):
     moves it by about the learning rate. With no inputs (``in_features=0``) the network is
     a learned constant vector.
 
+    All weights, biases and the gain are one parameter vector, ``params`` (layer by layer:
+    weight, then bias; the gain last), read through views (:meth:`weights`, :attr:`gain`):
+    Pyro's optimisers step tensor by tensor and ``pyro.module`` registers each one per
+    call, so a flow guide of dozens of small tensors would spend most of an SVI step in
+    that bookkeeping. Weights and biases start as :class:`torch.nn.Linear`'s, uniform in
+    :math:`\pm 1/\sqrt{\text{fan-in}}`.
+
     References:
         ReZero is All You Need: Fast Convergence at Large Depth (Bachlechner et al., 2020)
         https://arxiv.org/abs/2003.04887
@@ -42,6 +49,8 @@ class MLP(nn.Module):
         >>> net = MLP(3, 4, hidden=(16, 16))
         >>> net(torch.randn(5, 3)).abs().max().item()
         0.0
+        >>> [tuple(w.shape) for w, _ in net.weights()]
+        [(16, 3), (16, 16), (4, 16)]
     """
 
     def __init__(
@@ -53,23 +62,37 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         hidden = check_widths("hidden", hidden)
-        act = ACTIVATIONS[check_choice("activation", activation, list(ACTIVATIONS))]
+        self.act = ACTIVATIONS[check_choice("activation", activation, list(ACTIVATIONS))]()
         self.out_features = out_features
-        if in_features == 0:
-            self.net = None
-            self.constant = nn.Parameter(torch.zeros(out_features))
-            return
-        widths = (in_features, *hidden)
-        layers: list[nn.Module] = []
-        for a, b in itertools.pairwise(widths):
-            layers += [nn.Linear(a, b), act()]
-        self.net = nn.Sequential(*layers, nn.Linear(widths[-1], out_features))
-        self.gain = nn.Parameter(torch.zeros(out_features))
+        widths = (in_features, *hidden, out_features) if in_features else (out_features,)
+        self.shapes = [((b, a), (b,)) for a, b in itertools.pairwise(widths)]
+        parts = []
+        for (fan_out, fan_in), _ in self.shapes:
+            bound = 1 / math.sqrt(fan_in)
+            parts.append(torch.empty(fan_out * (fan_in + 1)).uniform_(-bound, bound))
+        self.params = nn.Parameter(torch.cat([*parts, torch.zeros(out_features)]))
+
+    @property
+    def gain(self) -> Tensor:
+        """The output gain :math:`g` (with no inputs: the constant output itself)."""
+        return self.params[-self.out_features :]
+
+    def weights(self) -> list[tuple[Tensor, Tensor]]:
+        """``(weight, bias)`` of each linear layer, as views of :attr:`params`."""
+        sizes = [math.prod(w) + math.prod(b) for w, b in self.shapes]
+        chunks = self.params[: -self.out_features].split(sizes)
+        return [
+            (chunk[: math.prod(w)].view(w), chunk[math.prod(w) :])
+            for chunk, (w, _) in zip(chunks, self.shapes, strict=True)
+        ]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.net is None:
-            return self.constant.expand(*x.shape[:-1], self.out_features)
-        return self.gain * self.net(x)
+        if not self.shapes:
+            return self.gain.expand(*x.shape[:-1], self.out_features)
+        layers = self.weights()
+        for weight, bias in layers[:-1]:
+            x = self.act(nn.functional.linear(x, weight, bias))
+        return self.gain * nn.functional.linear(x, *layers[-1])
 
 
 class MaskedMLP(nn.Module):

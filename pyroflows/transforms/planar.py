@@ -60,24 +60,36 @@ class Planar(Flow):
         True
     """
 
-    forward_method = "analytic"
     inverse_method = "numerical"
     analytic_score = True
 
     def __init__(self, dim: int, context: int = 0, hidden: Sequence[int] = (64, 64)) -> None:
         super().__init__(dim)
-        self.u = nn.Parameter(torch.zeros(dim))
-        self.w = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
-        self.b = nn.Parameter(torch.zeros(()))
+        w = torch.randn(dim) / math.sqrt(dim)
+        #: :math:`(u, w, b)` in one vector (Pyro's optimisers step tensor by tensor)
+        self.params = nn.Parameter(torch.cat([torch.zeros(dim), w, torch.zeros(1)]))
         self.context_features = context
         if context:
             self.hyper = Hypernet({"u": (dim,), "w": (dim,), "b": ()}, context, hidden)
+
+    @property
+    def u(self) -> Tensor:
+        return self.params[: self.dim]
+
+    @property
+    def w(self) -> Tensor:
+        return self.params[self.dim : 2 * self.dim]
+
+    @property
+    def b(self) -> Tensor:
+        return self.params[-1]
 
     def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
         r"""``x`` broadcast against the context, :math:`\hat u`, :math:`w`, :math:`b` and
         :math:`c = w^\top \hat u` (per context row for a conditional layer)."""
         x, context = broadcast_context(x, context, self.context_features)
-        u, w, b = self.u, self.w, self.b
+        u, w, b = self.params.split([self.dim, self.dim, 1])
+        b = b.squeeze(-1)
         if context is not None:
             u, w, b = self.hyper.shifted(context, u=u, w=w, b=b)
         wu = (w * u).sum(-1)
