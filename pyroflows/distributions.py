@@ -35,15 +35,14 @@ class FlowDistribution(TorchDistribution):
     With ``stl=True`` the log-density of a draw from :meth:`rsample_and_log_prob` is
     computed with the flow's parameters held fixed, so that its gradient reaches the
     parameters (and a context) only through the draw: the path-derivative ("sticking the
-    landing") estimator of Roeder et al. (2017). Its value is unchanged; the score term it
-    drops has expectation zero, and what remains of the reverse-KL gradient is exactly zero
-    for every draw when the flow equals the target. (It is unbiased for the ELBO, not for
-    importance-weighted bounds such as Renyi's.) The base distribution is then taken to
-    have no learnable parameters. The held-fixed log-density is :math:`\log q(y)` plus
-    :math:`\nabla_y \log q(y)^\top (y - \bar y)` with the gradient held fixed and
-    :math:`\bar y` the draw detached, zero in value: the gradient is pushed along the draw
-    by :meth:`~pyroflows.transforms.Flow.forward_and_score`, in closed form for planar
-    layers and the guides' Gaussian part, by autograd through the inverse otherwise.
+    landing") estimator of Roeder et al. (2017). Its value is unchanged; the term it drops
+    (the score function) has expectation zero, and what remains of the reverse-KL gradient
+    is exactly zero for every draw when the flow equals the target. (It is unbiased for the
+    ELBO, not for importance-weighted bounds such as Renyi's.) The base distribution is
+    then taken to have no learnable parameters. For planar flows and the guides' Gaussian
+    part (``analytic_grad``) with a normal base this costs a gradient-free forward pass
+    (:meth:`~pyroflows.transforms.Flow.forward_and_grad`); for other flows one inverse pass
+    told the base draw (:meth:`~pyroflows.transforms.Flow.inverse_and_log_det_given`).
 
     Example:
         >>> import torch, pyro.distributions as dist, pyroflows
@@ -121,13 +120,12 @@ class FlowDistribution(TorchDistribution):
         x, ladj = self.transform.inverse_and_log_det(value)
         return self.base.log_prob(x) + ladj
 
-
     def _path_log_prob(self, x: Tensor, y: Tensor, log_q: Tensor) -> Tensor:
         r"""``log q(y)`` for the draw ``y = f(x)``, its gradient only the path derivative.
 
         Where the flow pushes the gradient forward in closed form and the base is normal:
         ``log_q`` (detached) plus :math:`s^\top (y - \bar y)` with :math:`s = \nabla_y \log
-        q(y)` held fixed. Otherwise the score term is subtracted: ``log_q`` minus
+        q(y)` held fixed. Otherwise the score-function term is subtracted: ``log_q`` minus
         :math:`\log q_\theta(\bar y) - \mathrm{sg}[\log q_\theta(\bar y)]` at the detached
         draw :math:`\bar y` (one inverse pass, told ``x``), since
         :math:`\tfrac{d}{d\theta} \log q_\theta(y_\theta) = \partial_\theta \log q_\theta(y)
@@ -137,10 +135,10 @@ class FlowDistribution(TorchDistribution):
         base = self.base
         while isinstance(base, Independent):
             base = base.base_dist
-        if isinstance(base, Normal) and self.transform.analytic_score:
-            score = ((base.loc - x) / base.scale**2).detach()
-            _, score = self.transform.forward_and_score(x.detach(), score)
-            return log_q.detach() + (score * (y - y.detach())).sum(-1)
+        if isinstance(base, Normal) and self.transform.analytic_grad:
+            grad = ((base.loc - x) / base.scale**2).detach()
+            _, grad = self.transform.forward_and_grad(x.detach(), grad)
+            return log_q.detach() + (grad * (y - y.detach())).sum(-1)
         if torch.jit.is_tracing():  # a trace does not record requires_grad: subtract
             x_fixed, ladj = self.transform.inverse_and_log_det_given(y.detach(), x)
             at_draw = self.base.log_prob(x_fixed) + ladj

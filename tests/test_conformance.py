@@ -220,20 +220,20 @@ def test_inverse_given_the_input_has_the_inverse_jacobian(name, device):
             torch.testing.assert_close(g, e)
 
 
-def test_forward_and_score_is_the_gradient_of_the_log_density(name, device):
-    """The score pushed through the flow equals autograd's gradient of log q at the draw."""
+def test_forward_and_grad_is_the_gradient_of_the_log_density(name, device):
+    """The gradient of log p0 pushed through the flow equals autograd's gradient of log q."""
     flow = make_flow(name, 3, device)
     if flow.inverse_method == "unavailable":
         pytest.skip(f"{name} states its inverse as unavailable (checked by test_methods)")
     base = standard_normal(3, device)
     q = FlowDistribution(base, flow)
     x = torch.randn(5, 3, device=device, dtype=torch.float64)
-    y, score = flow.forward_and_score(x, -x)  # the standard normal's score
+    y, grad = flow.forward_and_grad(x, -x)  # the standard normal's gradient of log p
     torch.testing.assert_close(y, flow.forward_and_log_det(x)[0])
     y = y.detach().requires_grad_(True)
     (expected,) = torch.autograd.grad(q.log_prob(y).sum(), y)
-    torch.testing.assert_close(score, expected)
-    assert not score.requires_grad
+    torch.testing.assert_close(grad, expected)
+    assert not grad.requires_grad
 
 
 def test_torch_transform_api_agrees_with_primitives(name, device):
@@ -337,6 +337,23 @@ def test_state_dict_round_trip(name, device):
             continue
         for a, b in zip(original(y), loaded(y)):
             assert torch.equal(a, b)
+
+
+def test_plain_modules_deepcopy_and_pyro_module(name, device):
+    """Every parameter is an nn.Parameter of a submodule: a deep copy is the same function
+    with its own tensors, and pyro.module registers each parameter under its own name."""
+    flow = make_flow(name, 3, device)
+    twin = copy.deepcopy(flow)
+    y = torch.randn(5, 3, device=device, dtype=torch.float64)
+    torch.testing.assert_close(twin.inverse_and_log_det(y), flow.inverse_and_log_det(y))
+    assert not {id(p) for p in twin.parameters()} & {id(p) for p in flow.parameters()}
+    assert len(flow.state_dict()) == len(dict(flow.named_parameters())) + len(
+        dict(flow.named_buffers())
+    )
+    pyro.clear_param_store()
+    pyro.module("f", flow)
+    names = {n.removeprefix("f$$$") for n in pyro.get_param_store().keys()}
+    assert names == {n for n, _ in flow.named_parameters()}
 
 
 def test_to_device_and_dtype_move_everything(name, device):

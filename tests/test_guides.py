@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -23,6 +24,7 @@ from pyro.infer import (
 from pyro.infer.autoguide import AutoDiagonalNormal, init_to_feasible
 from pyro.optim import Adam, ClippedAdam
 
+import pyroflows
 from pyroflows import AutoFlow, list_flows
 from pyroflows.transforms import Planar
 
@@ -309,6 +311,28 @@ def test_state_dict_round_trip_gives_identical_draws(device):
     b = fresh()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("name", ["realnvp", "glow", "planar"])
+def test_a_guide_is_plain_modules_whose_flow_loads_into_a_build(name, device):
+    model = regression_model(device)
+    guide = AutoFlow(model, name)
+    svi = SVI(model, guide, Adam({"lr": 0.02}), Trace_ELBO())
+    for _ in range(5):
+        svi.step()
+    layers = set(guide.flow.modules())
+    assert layers <= set(guide.modules()) and len(layers) > 1  # the family's layers are there
+    plain = pyroflows.build(name, guide.flow.dim).to(device=device, dtype=torch.float64)
+    plain.load_state_dict(guide.flow.state_dict())
+    z = torch.randn(4, guide.flow.dim, device=device, dtype=torch.float64)
+    torch.testing.assert_close(plain.forward_and_log_det(z), guide.flow.forward_and_log_det(z))
+    twin = copy.deepcopy(guide)
+    pyro.set_rng_seed(3)
+    a = guide()
+    pyro.set_rng_seed(3)
+    b = twin()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(p.dtype == torch.float32 for p in copy.deepcopy(guide).float().parameters())
 
 
 def test_a_latent_site_in_a_subsampled_plate_is_refused(device):

@@ -123,10 +123,10 @@ def test_save_refuses_a_model_with_non_finite_weights(fitted, tmp_path):
     frame = pd.DataFrame({"x": rng.normal(size=100), "y": rng.normal(size=100)})
     model = DensityEstimator("nice", epochs=1, progress=False, layers=1, hidden=(4,))
     model.fit(frame)
-    name, parameter = next(iter(model.model.transform.named_parameters()))
+    name, parameter = next(iter(model.model.flow.named_parameters()))
     with torch.no_grad():
         parameter.view(-1)[0] = math.nan
-    with pytest.raises(ValueError, match=re.escape(f"parameter 'transform.{name}' has NaN")):
+    with pytest.raises(ValueError, match=re.escape(f"parameter 'flow.{name}' has NaN")):
         model.save(tmp_path / "model.pt")
     assert list(tmp_path.iterdir()) == []
 

@@ -191,10 +191,10 @@ def test_cholesky_affine_is_a_gaussian_cholesky_factor(device):
     q = FlowDistribution(dist.Normal(zeros, 1.0).to_event(1), layer)
     exact = dist.MultivariateNormal(layer.bias, scale_tril=tril)
     torch.testing.assert_close(q.log_prob(y), exact.log_prob(y))
-    # the score of N(0, I) pushed forward is the score of N(b, L L^T): -(L L^T)^{-1}(y - b)
-    _, score = layer.forward_and_score(x, -x)
+    # grad log N(0, I) pushed forward is grad log N(b, L L^T): -(L L^T)^{-1}(y - b)
+    _, grad = layer.forward_and_grad(x, -x)
     expected = -torch.cholesky_solve((y - layer.bias).T, tril).T
-    torch.testing.assert_close(score, expected)
+    torch.testing.assert_close(grad, expected)
 
 
 def test_affine_clamp_bounds_the_log_scale():

@@ -25,12 +25,12 @@ from pyroflows.distributions import FlowDistribution
 from pyroflows.transforms import Flow
 from pyroflows.transforms.registry import build, check_options, list_flows
 
-FORMAT = "pyroflows.DensityEstimator/1"
+FORMAT = "pyroflows.DensityEstimator/2"
 # The entries of a saved model that load needs, with their types.
 ENTRIES = {
     "flow": str,
     "options": dict,
-    "training": dict,
+    "fit_options": dict,
     "support": (dict, type(None)),
     "auto_support": bool,
     "seed": (int, type(None)),
@@ -50,7 +50,8 @@ class DensityEstimator:
     logit), whitened by the Gaussian fitted to the training rows, and modelled by the flow
     family ``flow`` (built with ``**options``); see :mod:`pyroflows.density.tabular`. Every map's
     log-det is counted, so :meth:`log_prob` is an exact log-density in the data's own units
-    (for integer and boolean columns, of the probability of the value). The flow starts at
+    (for integer and boolean columns, of the probability of the value, by the midpoint
+    rule: only approximately a probability). The flow starts at
     the identity, i.e. as the fitted Gaussian, and training (minibatch Adam with a learning
     rate that halves on plateaus, gradient clipping, early stopping on a ``validation``
     fraction of the rows, best weights restored;
@@ -118,9 +119,9 @@ class DensityEstimator:
         **options: Any,
     ) -> None:
         check_options(flow, options)  # an unknown family or option fails here, not at fit
-        self.flow = flow
+        self.family = flow
         self.options = options
-        self.training = {
+        self.fit_options = {
             "epochs": check_positive_int("epochs", epochs),
             "batch_size": check_positive_int("batch_size", batch_size),
             "lr": check_positive_float("lr", lr),
@@ -161,7 +162,7 @@ class DensityEstimator:
         else:
             self.context_columns = None
         order = torch.randperm(len(rows), device=rows.device)
-        n_valid = max(1, round(self.training["validation"] * len(rows)))
+        n_valid = max(1, round(self.fit_options["validation"] * len(rows)))
         if len(rows) - n_valid < 2:
             raise ValueError(f"too few rows ({len(rows)}) for a validation split of {n_valid}")
         valid, train = rows[order[:n_valid]], rows[order[n_valid:]]
@@ -175,7 +176,7 @@ class DensityEstimator:
         flow = self._build_flow()
         if flow.inverse_method != "analytic":
             raise ValueError(
-                f"flow family {self.flow!r} has a {flow.inverse_method} inverse; a density "
+                f"flow family {self.family!r} has a {flow.inverse_method} inverse; a density "
                 f"estimator scores data with the inverse on every step, so it needs an "
                 f"analytic one-pass inverse: {', '.join(density_families())}"
             )
@@ -187,7 +188,7 @@ class DensityEstimator:
             valid,
             progress=self.progress,
             **split,
-            **{k: v for k, v in self.training.items() if k != "validation"},
+            **{k: v for k, v in self.fit_options.items() if k != "validation"},
         )
         return self.history
 
@@ -195,7 +196,7 @@ class DensityEstimator:
         options = dict(self.options)
         if self.context_columns is not None:
             options["context"] = len(self.context_columns)
-        return build(self.flow, len(self.schema.columns), **options)
+        return build(self.family, len(self.schema.columns), **options)
 
     # ------------------------------------------------------------------ scoring
 
@@ -292,9 +293,9 @@ class DensityEstimator:
             )
         saved = {
             "format": FORMAT,
-            "flow": self.flow,
+            "flow": self.family,
             "options": _plain(self.options),
-            "training": self.training,
+            "fit_options": self.fit_options,
             "support": _plain(self.support),
             "auto_support": self.auto_support,
             "seed": self.seed,
@@ -347,7 +348,7 @@ class DensityEstimator:
                 auto_support=saved["auto_support"],
                 seed=saved["seed"],
                 progress=False,
-                **saved["training"],
+                **saved["fit_options"],
                 **saved["options"],
             )
             columns = [Column(**c) for c in saved["schema"]["columns"]]
@@ -471,7 +472,7 @@ class DensityEstimator:
 
     def __repr__(self) -> str:
         state = f"fitted on {len(self.schema.columns)} columns" if self.schema else "not fitted"
-        return f"DensityEstimator(flow={self.flow!r}, {state})"
+        return f"DensityEstimator(flow={self.family!r}, {state})"
 
 
 def density_families() -> list[str]:

@@ -186,16 +186,18 @@ class TabularDensity(nn.Module):
     :math:`\log p(y)` per row in the data's units; in training mode discrete columns are
     dequantised with fresh uniform noise, otherwise at the midpoint. ``sample(n)`` returns
     raw rows, discrete columns decoded back to integers. With a conditional flow
-    (``flow.transform.context_features > 0``) both take a ``context`` of one row per data
+    (``flow.context_features > 0``) both take a ``context`` of one row per data
     row, standardised by :meth:`set_context_scaling`, and the density is
     :math:`\log p(y \mid c)`.
     """
 
-    def __init__(self, columns: list[Column], flow: FlowDistribution, mean: Tensor, chol: Tensor):
+    def __init__(
+        self, columns: list[Column], distribution: FlowDistribution, mean: Tensor, chol: Tensor
+    ):
         super().__init__()
-        self.flow = flow
-        self.transform = flow.transform  # the trained module
-        self.context_features = flow.transform.context_features
+        self.distribution = distribution
+        self.flow = distribution.transform  # the trained module
+        self.context_features = self.flow.context_features
         self.register_buffer("context_mean", torch.zeros(self.context_features))
         self.register_buffer("context_scale", torch.ones(self.context_features))
         kinds = [c.kind for c in columns]
@@ -239,7 +241,7 @@ class TabularDensity(nn.Module):
             scale = context.std(0)
             self.set_context_scaling(context.mean(0), torch.where(scale > 0, scale, 1.0))
         u = self.whiten(self.to_real(rows)[0])[0]
-        self.transform.initialize(u, self._scaled(context))
+        self.flow.initialize(u, self._scaled(context))
         self.train(training)
 
     @torch.no_grad()
@@ -304,20 +306,20 @@ class TabularDensity(nn.Module):
         u, log_det_whiten = self.whiten(x)
         context = self._scaled(context)
         if context is None:
-            log_q = self.flow.log_prob(u)
+            log_q = self.distribution.log_prob(u)
         else:
-            z, log_det_flow = self.transform.inverse_and_log_det(u, context=context)
-            log_q = self.flow.base.log_prob(z) + log_det_flow
+            z, log_det_flow = self.flow.inverse_and_log_det(u, context=context)
+            log_q = self.distribution.base.log_prob(z) + log_det_flow
         return log_q + log_det_whiten + log_det_columns
 
     @torch.no_grad()
     def sample(self, n: int, context: Tensor | None = None) -> Tensor:
         context = self._scaled(context)
         if context is None:
-            u = self.flow.sample((n,))
+            u = self.distribution.sample((n,))
         else:
-            z = self.flow.base.sample((n,))
-            u = self.transform.forward_and_log_det(z, context=context)[0]
+            z = self.distribution.base.sample((n,))
+            u = self.flow.forward_and_log_det(z, context=context)[0]
         x = self.mean + (self.chol @ u.unsqueeze(-1)).squeeze(-1)
         return self.from_real(x)
 

@@ -109,9 +109,7 @@ class ActNorm(LocScale):
         """
         rows = y.reshape(-1, self.dim)
         if rows.shape[0] < 2:
-            raise ValueError(
-                f"actnorm starts from at least two rows of data, got {rows.shape[0]}"
-            )
+            raise ValueError(f"actnorm starts from at least two rows of data, got {rows.shape[0]}")
         std = rows.std(0)
         self.shift.copy_(rows.mean(0))
         self.log_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)).log())

@@ -24,7 +24,7 @@ to their parameter networks, so the map is :math:`f(\cdot\,; c)`. ``flow.conditi
 fixes the context and returns an ordinary flow.
 
 Two more methods have correct defaults that a layer may replace by something faster:
-:meth:`Flow.forward_and_score` and :meth:`Flow.inverse_and_log_det_given`, which the
+:meth:`Flow.forward_and_grad` and :meth:`Flow.inverse_and_log_det_given`, which the
 path-derivative gradient uses.
 """
 
@@ -62,8 +62,8 @@ class Flow(TransformModule):
     Subclasses implement :meth:`forward_and_log_det` and :meth:`inverse_and_log_det` for any
     batch shape ``(..., dim)``, returning the log-det with the batch shape ``(...)``, and
     set the class attributes ``forward_method`` and ``inverse_method`` where a direction is
-    not ``"analytic"`` (and ``analytic_score`` where they write out
-    :meth:`forward_and_score`). A conditional layer sets ``context_features`` and takes
+    not ``"analytic"`` (and ``analytic_grad`` where they write out
+    :meth:`forward_and_grad`). A conditional layer sets ``context_features`` and takes
     ``context=`` in both primitives. A flow is a Pyro
     :class:`~pyro.distributions.TransformModule`, so it works in
     :class:`~pyro.distributions.TransformedDistribution`, ``pyro.module`` and Pyro's
@@ -86,8 +86,8 @@ class Flow(TransformModule):
     inverse_method: Method = "analytic"
     #: size of the context vector a conditional layer reads (0: not conditional)
     context_features: int = 0
-    #: whether :meth:`forward_and_score` is written out (cheap) rather than autograd's
-    analytic_score: bool = False
+    #: whether :meth:`forward_and_grad` is written out (cheap) rather than autograd's
+    analytic_grad: bool = False
 
     def __init__(self, dim: int) -> None:
         super().__init__(cache_size=0)
@@ -121,14 +121,14 @@ class Flow(TransformModule):
         """
         return call_with_context(self.inverse_and_log_det, y, context, self.context_features)
 
-    def forward_and_score(
-        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    def forward_and_grad(
+        self, x: Tensor, grad: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         r"""``y = f(x)`` and :math:`\nabla_y \log q_Y(y)`, the gradient of the pushed-forward
         log-density, without a graph.
 
-        If :math:`X` has density :math:`q_X` with :math:`s = \nabla \log q_X(x)` (``score``,
-        the statisticians' name for it), then :math:`Y = f(X)` has
+        If :math:`X` has density :math:`q_X` with :math:`s = \nabla \log q_X(x)` (``grad``),
+        then :math:`Y = f(X)` has
 
         .. math:: \nabla \log q_Y(y) = J_f(x)^{-\top}\big(s - \nabla_x \log|\det J_f(x)|\big).
 
@@ -144,7 +144,7 @@ class Flow(TransformModule):
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
             x_, ladj = self.inverse_and_log_det_given(y_, x, context)
-            (pushed,) = torch.autograd.grad((score * x_).sum() + ladj.sum(), y_)
+            (pushed,) = torch.autograd.grad((grad * x_).sum() + ladj.sum(), y_)
         return y, pushed
 
     # torch's Transform API, derived from the two primitives.
@@ -211,7 +211,7 @@ class FlowStack(Flow):
         self.context_features = contexts.pop() if contexts else 0
         self.forward_method = least_exact(layer.forward_method for layer in layers)
         self.inverse_method = least_exact(layer.inverse_method for layer in layers)
-        self.analytic_score = all(layer.analytic_score for layer in layers)
+        self.analytic_grad = all(layer.analytic_grad for layer in layers)
 
     def forward_and_log_det(
         self, x: Tensor, context: Tensor | None = None
@@ -242,9 +242,7 @@ class FlowStack(Flow):
         """
         for layer in reversed(self.layers):
             layer.initialize(y, context)
-            y = call_with_context(layer.inverse_and_log_det, y, context, layer.context_features)[
-                0
-            ]
+            y = call_with_context(layer.inverse_and_log_det, y, context, layer.context_features)[0]
 
     def inverse_and_log_det_given(
         self, y: Tensor, x: Tensor, context: Tensor | None = None
@@ -269,12 +267,12 @@ class FlowStack(Flow):
             total = total + ladj
         return y, total.expand(y.shape[:-1])
 
-    def forward_and_score(
-        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    def forward_and_grad(
+        self, x: Tensor, grad: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         for layer in self.layers:
-            x, score = layer.forward_and_score(x, score, context)
-        return x, score
+            x, grad = layer.forward_and_grad(x, grad, context)
+        return x, grad
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -307,7 +305,7 @@ class Conditioned(Flow):
         self.flow = flow
         self.context = context
         self.forward_method, self.inverse_method = flow.forward_method, flow.inverse_method
-        self.analytic_score = flow.analytic_score
+        self.analytic_grad = flow.analytic_grad
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.flow.forward_and_log_det(x, context=self.context)
@@ -323,10 +321,10 @@ class Conditioned(Flow):
     ) -> tuple[Tensor, Tensor]:
         return self.flow.inverse_and_log_det_given(y, x, self.context)
 
-    def forward_and_score(
-        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    def forward_and_grad(
+        self, x: Tensor, grad: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        return self.flow.forward_and_score(x, score, self.context)
+        return self.flow.forward_and_grad(x, grad, self.context)
 
 
 def call_with_context(

@@ -123,7 +123,7 @@ class CholeskyAffine(Flow):
         True
     """
 
-    analytic_score = True
+    analytic_grad = True
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
@@ -152,13 +152,13 @@ class CholeskyAffine(Flow):
         y = x @ self.scale_tril().T + self.bias
         return y, self.log_scale.sum().expand(x.shape[:-1])
 
-    def forward_and_score(
-        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    def forward_and_grad(
+        self, x: Tensor, grad: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        r"""The score maps to :math:`(DL)^{-\top} s`: one triangular solve."""
+        r"""The gradient maps to :math:`(DL)^{-\top} s`: one triangular solve."""
         with torch.no_grad():
             tril = self.scale_tril()
-            rows = score.expand(x.shape).reshape(-1, self.dim)
+            rows = grad.expand(x.shape).reshape(-1, self.dim)
             # Row vectors: s_y^T = s^T (DL)^{-1}, a lower-triangular system from the right.
             pushed = torch.linalg.solve_triangular(tril, rows, upper=False, left=False)
             return x @ tril.T + self.bias, pushed.reshape(x.shape)

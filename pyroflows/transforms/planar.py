@@ -61,7 +61,7 @@ class Planar(Flow):
     """
 
     inverse_method = "numerical"
-    analytic_score = True
+    analytic_grad = True
 
     def __init__(self, dim: int, context: int = 0, hidden: Sequence[int] = (64, 64)) -> None:
         super().__init__(dim)
@@ -105,8 +105,8 @@ class Planar(Flow):
         y = x + h.unsqueeze(-1) * u_hat
         return y, torch.log1p(c * (1 - h**2))
 
-    def forward_and_score(
-        self, x: Tensor, score: Tensor, context: Tensor | None = None
+    def forward_and_grad(
+        self, x: Tensor, grad: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         r"""With :math:`h = \tanh(w^\top x + b)` and :math:`h' = 1 - h^2`, the log-det's
         gradient is :math:`-2 c h h' w / (1 + c h')`, and :math:`J^\top = I + h' w \hat
@@ -117,7 +117,7 @@ class Planar(Flow):
             h = torch.tanh((x * w).sum(-1) + b)
             slope = 1 - h**2
             det = 1 + c * slope
-            r = score + (2 * c * h * slope / det).unsqueeze(-1) * w
+            r = grad + (2 * c * h * slope / det).unsqueeze(-1) * w
             pushed = r - (slope * (u_hat * r).sum(-1) / det).unsqueeze(-1) * w
             return x + h.unsqueeze(-1) * u_hat, pushed
 
