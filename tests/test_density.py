@@ -519,11 +519,6 @@ def test_a_boolean_column_is_sampled_as_booleans_with_the_datas_frequencies():
     assert samples["x"][flagged].mean() > samples["x"][~flagged].mean() + 0.8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, not fixed yet: a dequantised column is scored by the midpoint rule "
-    "after its log map, which overstates P(False) (the two probabilities sum to 1.18)",
-)
 def test_probabilities_of_a_boolean_column_sum_to_one():
     # log_prob of a discrete value is documented as the log-probability of the value.
     rng = np.random.default_rng(5)

@@ -50,8 +50,8 @@ class DensityEstimator:
     logit), whitened by the Gaussian fitted to the training rows, and modelled by the flow
     family ``flow`` (built with ``**options``); see :mod:`pyroflows.density.tabular`. Every map's
     log-det is counted, so :meth:`log_prob` is an exact log-density in the data's own units
-    (for integer and boolean columns, of the probability of the value, by the midpoint
-    rule: only approximately a probability). The flow starts at
+    (for integer and boolean columns, of the probability of the value: the density
+    integrated over the value's bin). The flow starts at
     the identity, i.e. as the fitted Gaussian, and training (minibatch Adam with a learning
     rate that halves on plateaus, gradient clipping, early stopping on a ``validation``
     fraction of the rows, best weights restored;
