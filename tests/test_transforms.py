@@ -31,7 +31,7 @@ def test_planar_constraint_keeps_w_dot_u_above_minus_one():
     with torch.no_grad():
         layer.u.copy_(-50 * layer.w)  # as far from invertible as a free u can ask
     _, u_hat, w, _, c = layer._params(torch.zeros(3, dtype=torch.float64), None)
-    assert c.item() > -1 and torch.allclose(w @ u_hat, c)
+    assert c.item() > -1 and torch.allclose(w[0] @ u_hat[0], c[0])
 
 
 def test_planar_starts_at_the_identity():
@@ -46,7 +46,7 @@ def test_planar_inverse_is_exact_for_extreme_parameters(scale):
     torch.manual_seed(1)
     layer = Planar(3).double()
     with torch.no_grad():
-        layer.u.copy_(scale * layer.w / (layer.w @ layer.w))
+        layer.u.copy_(scale * layer.w / (layer.w[0] @ layer.w[0]))
         layer.b.fill_(0.7)
     x = torch.randn(200, 3, dtype=torch.float64) * 5
     y = layer(x)

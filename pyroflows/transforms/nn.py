@@ -66,6 +66,7 @@ class MLP(nn.Module):
         self.out_features = out_features
         widths = (in_features, *hidden, out_features) if in_features else (out_features,)
         self.shapes = [((b, a), (b,)) for a, b in itertools.pairwise(widths)]
+        self.sizes = [*(math.prod(s) for pair in self.shapes for s in pair), out_features]
         parts = []
         for (fan_out, fan_in), _ in self.shapes:
             bound = 1 / math.sqrt(fan_in)
@@ -79,20 +80,24 @@ class MLP(nn.Module):
 
     def weights(self) -> list[tuple[Tensor, Tensor]]:
         """``(weight, bias)`` of each linear layer, as views of :attr:`params`."""
-        sizes = [math.prod(w) + math.prod(b) for w, b in self.shapes]
-        chunks = self.params[: -self.out_features].split(sizes)
-        return [
-            (chunk[: math.prod(w)].view(w), chunk[math.prod(w) :])
-            for chunk, (w, _) in zip(chunks, self.shapes, strict=True)
+        return self._views()[0]
+
+    def _views(self) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """The layers' ``(weight, bias)`` and the gain, by one split of :attr:`params`."""
+        *parts, gain = self.params.split(self.sizes)
+        layers = [
+            (weight.view(shape), bias)
+            for weight, bias, (shape, _) in zip(parts[::2], parts[1::2], self.shapes, strict=True)
         ]
+        return layers, gain
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.shapes:
-            return self.gain.expand(*x.shape[:-1], self.out_features)
-        layers = self.weights()
+        layers, gain = self._views()
+        if not layers:
+            return gain.expand(*x.shape[:-1], self.out_features)
         for weight, bias in layers[:-1]:
             x = self.act(nn.functional.linear(x, weight, bias))
-        return self.gain * nn.functional.linear(x, *layers[-1])
+        return gain * nn.functional.linear(x, *layers[-1])
 
 
 class MaskedMLP(nn.Module):

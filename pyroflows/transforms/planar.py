@@ -17,7 +17,8 @@ from pyroflows.transforms.roots import solve_increasing
 
 
 class Planar(Flow):
-    r"""A planar layer :math:`f(z) = z + \hat u \tanh(w^\top z + b)`.
+    r"""``layers`` planar maps :math:`f_k(z) = z + \hat u_k \tanh(w_k^\top z + b_k)`, applied in
+    turn (:math:`k = 1` first in the sampling direction).
 
     The log-det is :math:`\log|1 + \hat u^\top w \, \tanh'(w^\top z + b)|`. The layer is
     invertible when :math:`w^\top \hat u > -1` (Rezende & Mohamed 2015, appendix A), which
@@ -40,6 +41,10 @@ class Planar(Flow):
     one Newton step from its :math:`a` replaces the search.
     Pyro's planar layer has no inverse and can only score its own cached samples.
 
+    The maps' :math:`(u_k, w_k, b_k)` are the rows of one ``(layers, 2 dim + 1)`` parameter,
+    ``params``, so that Pyro's optimisers, which step tensor by tensor, step one tensor for
+    the whole stack (views: :attr:`u`, :attr:`w`, :attr:`b`).
+
     With ``context=k`` the layer is conditional: a hypernetwork (:class:`~.nn.Hypernet`
     with ``hidden`` units, zero at the start) adds context-dependent offsets to
     :math:`u, w, b`, one set per context row; the constraint and the inverse hold row by
@@ -51,7 +56,7 @@ class Planar(Flow):
 
     Example:
         >>> import torch
-        >>> layer = Planar(2)
+        >>> layer = Planar(2, layers=3)
         >>> with torch.no_grad():
         ...     _ = layer.u.fill_(0.8)
         >>> y, ladj = layer.forward_and_log_det(torch.tensor([0.3, -1.2]))
@@ -63,32 +68,38 @@ class Planar(Flow):
     inverse_method = "numerical"
     analytic_grad = True
 
-    def __init__(self, dim: int, context: int = 0, hidden: Sequence[int] = (64, 64)) -> None:
+    def __init__(
+        self, dim: int, context: int = 0, hidden: Sequence[int] = (64, 64), layers: int = 1
+    ) -> None:
         super().__init__(dim)
-        w = torch.randn(dim) / math.sqrt(dim)
-        #: :math:`(u, w, b)` in one vector (Pyro's optimisers step tensor by tensor)
-        self.params = nn.Parameter(torch.cat([torch.zeros(dim), w, torch.zeros(1)]))
+        self.layers = check_positive_int("layers", layers)
+        w = torch.randn(layers, dim) / math.sqrt(dim)
+        self.params = nn.Parameter(
+            torch.cat([torch.zeros(layers, dim), w, torch.zeros(layers, 1)], dim=-1)
+        )
         self.context_features = context
         if context:
-            self.hyper = Hypernet({"u": (dim,), "w": (dim,), "b": ()}, context, hidden)
+            shapes = {"u": (layers, dim), "w": (layers, dim), "b": (layers,)}
+            self.hyper = Hypernet(shapes, context, hidden)
 
     @property
     def u(self) -> Tensor:
-        return self.params[: self.dim]
+        return self.params[:, : self.dim]
 
     @property
     def w(self) -> Tensor:
-        return self.params[self.dim : 2 * self.dim]
+        return self.params[:, self.dim : 2 * self.dim]
 
     @property
     def b(self) -> Tensor:
-        return self.params[-1]
+        return self.params[:, -1]
 
     def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
-        r"""``x`` broadcast against the context, :math:`\hat u`, :math:`w`, :math:`b` and
-        :math:`c = w^\top \hat u` (per context row for a conditional layer)."""
+        r"""``x`` broadcast against the context, and per map :math:`\hat u`, :math:`w` (shape
+        ``(..., layers, dim)``), :math:`b` and :math:`c = w^\top \hat u` (``(..., layers)``;
+        ``...`` the context rows of a conditional layer)."""
         x, context = broadcast_context(x, context, self.context_features)
-        u, w, b = self.params.split([self.dim, self.dim, 1])
+        u, w, b = self.params.split([self.dim, self.dim, 1], dim=-1)
         b = b.squeeze(-1)
         if context is not None:
             u, w, b = self.hyper.shifted(context, u=u, w=w, b=b)
@@ -97,29 +108,42 @@ class Planar(Flow):
         u_hat = u + ((c - wu) / (w * w).sum(-1).clamp_min(1e-12)).unsqueeze(-1) * w
         return x, u_hat, w, b, c
 
+    def _forward(self, x: Tensor, params: tuple[Tensor, ...]) -> tuple[list[Tensor], Tensor]:
+        """The input of each map and the output, with the summed log-det."""
+        u_hat, w, b, c = params
+        inputs, total = [], 0.0
+        for k in range(self.layers):
+            inputs.append(x)
+            h = torch.tanh((x * w[..., k, :]).sum(-1) + b[..., k])
+            x = x + h.unsqueeze(-1) * u_hat[..., k, :]
+            total = total + torch.log1p(c[..., k] * (1 - h**2))
+        return [*inputs, x], total
+
     def forward_and_log_det(
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        x, u_hat, w, b, c = self._params(x, context)
-        h = torch.tanh((x * w).sum(-1) + b)
-        y = x + h.unsqueeze(-1) * u_hat
-        return y, torch.log1p(c * (1 - h**2))
+        x, *params = self._params(x, context)
+        values, ladj = self._forward(x, params)
+        return values[-1], ladj
 
     def forward_and_grad(
         self, x: Tensor, grad: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        r"""With :math:`h = \tanh(w^\top x + b)` and :math:`h' = 1 - h^2`, the log-det's
-        gradient is :math:`-2 c h h' w / (1 + c h')`, and :math:`J^\top = I + h' w \hat
-        u^\top` inverts by Sherman-Morrison: :math:`J^{-\top} r = r - h' w \,(\hat u^\top
-        r) / (1 + c h')`."""
+        r"""Map by map, with :math:`h = \tanh(w^\top x + b)` and :math:`h' = 1 - h^2`: the
+        log-det's gradient is :math:`-2 c h h' w / (1 + c h')`, and :math:`J^\top = I + h' w
+        \hat u^\top` inverts by Sherman-Morrison: :math:`J^{-\top} r = r - h' w \,(\hat
+        u^\top r) / (1 + c h')`."""
         with torch.no_grad():
             x, u_hat, w, b, c = self._params(x, context)
-            h = torch.tanh((x * w).sum(-1) + b)
-            slope = 1 - h**2
-            det = 1 + c * slope
-            r = grad + (2 * c * h * slope / det).unsqueeze(-1) * w
-            pushed = r - (slope * (u_hat * r).sum(-1) / det).unsqueeze(-1) * w
-            return x + h.unsqueeze(-1) * u_hat, pushed
+            for k in range(self.layers):
+                w_k, u_k, c_k = w[..., k, :], u_hat[..., k, :], c[..., k]
+                h = torch.tanh((x * w_k).sum(-1) + b[..., k])
+                slope = 1 - h**2
+                det = 1 + c_k * slope
+                r = grad + (2 * c_k * h * slope / det).unsqueeze(-1) * w_k
+                grad = r - (slope * (u_k * r).sum(-1) / det).unsqueeze(-1) * w_k
+                x = x + h.unsqueeze(-1) * u_k
+            return x, grad
 
     def inverse_and_log_det(
         self, y: Tensor, context: Tensor | None = None
@@ -129,34 +153,44 @@ class Planar(Flow):
     def inverse_and_log_det_given(
         self, y: Tensor, x: Tensor | None, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        r"""The inverse, by root search, or (``x`` given) by one Newton step from its
-        :math:`a = w^\top x`."""
+        r"""The inverse, map by map from the last, by root search, or (``x`` given) by one
+        Newton step from each map's :math:`a = w^\top x_k` (its input recomputed from
+        ``x`` without gradient)."""
         y, u_hat, w, b, c = self._params(y, context)
-        t = (y * w).sum(-1)
+        known = [None] * self.layers
+        if x is not None:
+            with torch.no_grad():
+                detached = tuple(v.detach() for v in (u_hat, w, b, c))
+                known = self._forward(x.detach().expand_as(y), detached)[0][:-1]
+        total = 0.0
+        for k in reversed(range(self.layers)):
+            u_k, w_k, b_k, c_k = u_hat[..., k, :], w[..., k, :], b[..., k], c[..., k]
+            t = (y * w_k).sum(-1)
 
-        def lhs(a: Tensor) -> tuple[Tensor, Tensor]:
-            h = torch.tanh(a + b)
-            return a + c * h, 1 + c * (1 - h**2)
+            def lhs(a: Tensor, b_k: Tensor = b_k, c_k: Tensor = c_k) -> tuple[Tensor, Tensor]:
+                h = torch.tanh(a + b_k)
+                return a + c_k * h, 1 + c_k * (1 - h**2)
 
-        start = None if x is None else (x.detach() * w.detach()).sum(-1)
-        a = solve_increasing(lhs, t, t - c.abs(), t + c.abs(), start=start)
-        h = torch.tanh(a + b)
-        return y - h.unsqueeze(-1) * u_hat, -torch.log1p(c * (1 - h**2))
+            start = None if known[k] is None else (known[k] * w_k.detach()).sum(-1)
+            a = solve_increasing(lhs, t, t - c_k.abs(), t + c_k.abs(), start=start)
+            h = torch.tanh(a + b_k)
+            y = y - h.unsqueeze(-1) * u_k
+            total = total - torch.log1p(c_k * (1 - h**2))
+        return y, total
 
 
 @register_flow("planar")
 def planar(
     dim: int, *, layers: int = 8, context: int = 0, hidden: Sequence[int] = (64, 64)
 ) -> FlowStack:
-    """A stack of ``layers`` planar layers (:class:`Planar`), each starting at the identity.
+    """``layers`` planar maps (one :class:`Planar` module), each starting at the identity.
 
-    ``context=k`` makes each layer conditional through a hypernetwork of ``hidden`` units
+    ``context=k`` makes the maps conditional through a hypernetwork of ``hidden`` units
     (unused without a context).
 
     Example:
         >>> import pyroflows
-        >>> len(pyroflows.build("planar", 4, layers=3))
+        >>> pyroflows.build("planar", 4, layers=3)[0].layers
         3
     """
-    check_positive_int("layers", layers)
-    return FlowStack(Planar(dim, context, hidden) for _ in range(layers))
+    return FlowStack([Planar(dim, context, hidden, layers)])
