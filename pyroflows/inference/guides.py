@@ -198,10 +198,13 @@ class AutoFlow(AutoContinuous):
         log-density.
         """
         posterior = self.get_posterior(*args, **kwargs)
-        batch = [1] * max([-frame.dim for frame in get_plates()], default=0)
-        for frame in get_plates():
-            batch[frame.dim] = frame.size
-        latent, log_q = posterior.expand(torch.Size(batch)).rsample_and_log_prob()
+        plates = get_plates()
+        if plates:
+            batch = [1] * max(-frame.dim for frame in plates)
+            for frame in plates:
+                batch[frame.dim] = frame.size
+            posterior = posterior.expand(torch.Size(batch))
+        latent, log_q = posterior.rsample_and_log_prob()
         site = dist.Delta(latent, log_density=log_q, event_dim=1)
         return pyro.sample(f"_{self._pyro_name}_latent", site, infer={"is_auxiliary": True})
 

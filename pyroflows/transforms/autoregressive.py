@@ -2,7 +2,7 @@ r"""Masked autoregressive flows (MAF) and inverse autoregressive flows (IAF)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -130,19 +130,42 @@ def autoregressive_stack(
     )
 
 
-@register_flow("maf")
-def maf(
-    dim: int,
-    *,
-    layers: int = 4,
-    hidden: Sequence[int] = (64, 64),
-    activation: str = "relu",
-    order: str = "reverse",
-    clamp: float = 3.0,
-    context: int = 0,
-    residual: bool = False,
-) -> FlowStack:
-    """MAF: ``layers`` affine autoregressive layers whose density pass is one network call.
+def affine_autoregressive(conditioner: str, doc: str) -> Callable[..., FlowStack]:
+    """The family of ``layers`` affine :class:`Autoregressive` layers conditioned on
+    ``conditioner``'s side (``"data"``: MAF, ``"base"``: IAF): one signature, so the two
+    families' options cannot drift apart."""
+
+    def family(
+        dim: int,
+        *,
+        layers: int = 4,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "relu",
+        order: str = "reverse",
+        clamp: float = 3.0,
+        context: int = 0,
+        residual: bool = False,
+    ) -> FlowStack:
+        return autoregressive_stack(
+            dim,
+            Affine(clamp),
+            conditioner=conditioner,
+            layers=layers,
+            order=order,
+            hidden=hidden,
+            activation=activation,
+            context=context,
+            residual=residual,
+        )
+
+    family.__doc__ = doc
+    return family
+
+
+maf = register_flow("maf")(
+    affine_autoregressive(
+        "data",
+        """MAF: ``layers`` affine autoregressive layers whose density pass is one network call.
 
     Sampling takes ``dim`` passes per layer. The order is reversed from one layer to the
     next (``order="random"``: a random permutation per layer); ``clamp`` bounds each
@@ -153,33 +176,14 @@ def maf(
         >>> import pyroflows
         >>> len(pyroflows.build("maf", 5, layers=3))
         3
-    """
-    return autoregressive_stack(
-        dim,
-        Affine(clamp),
-        conditioner="data",
-        layers=layers,
-        order=order,
-        hidden=hidden,
-        activation=activation,
-        context=context,
-        residual=residual,
+    """,
     )
+)
 
-
-@register_flow("iaf")
-def iaf(
-    dim: int,
-    *,
-    layers: int = 4,
-    hidden: Sequence[int] = (64, 64),
-    activation: str = "relu",
-    order: str = "reverse",
-    clamp: float = 3.0,
-    context: int = 0,
-    residual: bool = False,
-) -> FlowStack:
-    """IAF: ``layers`` affine autoregressive layers whose sampling pass is one network call.
+iaf = register_flow("iaf")(
+    affine_autoregressive(
+        "base",
+        """IAF: ``layers`` affine autoregressive layers whose sampling pass is one network call.
 
     Made for variational guides, where draws and their densities come from the forward
     pass; scoring other points takes ``dim`` passes per layer. Options as for ``maf``.
@@ -188,15 +192,6 @@ def iaf(
         >>> import pyroflows
         >>> len(pyroflows.build("iaf", 5, layers=3))
         3
-    """
-    return autoregressive_stack(
-        dim,
-        Affine(clamp),
-        conditioner="base",
-        layers=layers,
-        order=order,
-        hidden=hidden,
-        activation=activation,
-        context=context,
-        residual=residual,
+    """,
     )
+)
