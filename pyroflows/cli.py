@@ -228,10 +228,13 @@ def _fit(args: argparse.Namespace) -> int:
         raise FileExistsError(
             f"{args.out!r} was created while fitting; pass --force to replace it"
         ) from None
+    chosen = estimator.report.index[estimator.report["chosen"]][0]
     print(
         f"fitted {args.flow} to {len(table)} rows x {table.shape[1]} columns in {len(history)} "
         f"epochs; best validation loss {history['valid_loss'].min():.4f} nats per row; "
-        f"wrote {args.out}",
+        f"the model is the {chosen}; wrote {args.out}\n\n"
+        f"validation log-likelihood, nats per row:\n{estimator.summary().to_string()}\n\n"
+        f"column supports:\n{estimator.supports().to_string(index=False)}",
         file=sys.stderr,
     )
     return 0

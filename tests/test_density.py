@@ -11,6 +11,7 @@ import torch
 
 import pyroflows
 from pyroflows import DensityEstimator, build, list_flows
+from pyroflows.density.mixture import GaussianMixture
 
 FAST = {"epochs": 15, "progress": False, "seed": 0}
 ONE_PASS = [n for n in list_flows() if build(n, 2).inverse_method == "analytic"]
@@ -99,12 +100,14 @@ def tiny_training_rows(**options) -> np.ndarray:
         epochs=1, lr=1e-12, dtype=torch.float64, progress=False, support=TINY_SUPPORT, **options
     )
     start.fit(TINY)
+    gaussian = start.model.with_density(GaussianMixture(1, TINY.shape[1]))
     x, log_jacobian = tiny_real_line()
     n, d = x.shape
     masks = (np.arange(2**n)[:, None] >> np.arange(n)) & 1 == 1
     masks = masks[masks.sum(1) > d]  # a Gaussian in d dimensions needs d + 1 rows
     closed_form = gaussian_log_density(x, masks) + log_jacobian
-    error = np.abs(closed_form - start.log_prob(TINY).to_numpy()).max(1)
+    rows = torch.tensor(TINY.to_numpy(dtype=np.float64))
+    error = np.abs(closed_form - gaussian.log_prob(rows).numpy()).max(1)
     matches = np.flatnonzero(error < 1e-3)  # the start's ridge moves it by < 1e-4
     assert len(matches) == 1, f"{len(matches)} subsets give the start; best error {error.min()}"
     return masks[matches[0]]
@@ -146,8 +149,11 @@ def test_training_never_ends_worse_than_the_gaussian_start_on_the_validation_row
     history = model.fit(TINY)
     assert history["valid_loss"].iloc[-1] > gaussian + 1
     restored = -model.log_prob(TINY).to_numpy()[valid].mean()
-    assert restored <= gaussian + 1e-3
-    assert restored == pytest.approx(min(gaussian, history["valid_loss"].min()), abs=1e-3)
+    scores = model.report["valid_nats"]
+    assert scores["gaussian"] == pytest.approx(-gaussian, abs=1e-4)  # the ridge: < 1e-4
+    assert scores["flow"] >= -history["valid_loss"].min() - 1e-9  # the best weights, or the start
+    assert restored == pytest.approx(-scores.max(), abs=1e-9)  # the best candidate
+    assert restored <= gaussian + 1e-9
 
 
 @pytest.mark.parametrize("name", ONE_PASS)
@@ -320,7 +326,7 @@ def test_unfitted_and_unreadable_models_say_so(tmp_path):
     with pytest.raises(ValueError, match="is not a pyroflows model file"):
         DensityEstimator.load(tmp_path / "junk.pt")
     torch.save({"format": "something else"}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"is not a pyroflows\.DensityEstimator/2 file"):
+    with pytest.raises(ValueError, match=r"is not a pyroflows\.DensityEstimator/3 file"):
         DensityEstimator.load(tmp_path / "other.pt")
 
 
@@ -384,8 +390,10 @@ def test_a_conditional_density_learns_p_y_given_x(name, tmp_path):
     marginal = DensityEstimator(name, seed=0, progress=False, epochs=50).fit(data)
     assert conditional > exact - 0.15
     assert conditional > marginal["valid_loss"].min() * -1 + 2.0  # far better than p(y)
-    draws = model.sample(400, context=pd.DataFrame({"x": [0.5]}))
-    assert abs(draws["y"].mean() - 1.0) < 0.05 and abs(draws["y"].std() - 0.1) < 0.03
+    draws = model.sample(400, context=pd.DataFrame({"x": [0.5]}))["y"]
+    # robust location and scale: the density's tail guard draws about 1 row in 1000 broadly
+    scale = (draws.quantile(0.75) - draws.quantile(0.25)) / 1.349
+    assert abs(draws.median() - 1.0) < 0.05 and abs(scale - 0.1) < 0.03
     model.save(tmp_path / "conditional.pt")
     loaded = DensityEstimator.load(tmp_path / "conditional.pt")
     pd.testing.assert_series_equal(

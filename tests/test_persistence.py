@@ -23,7 +23,9 @@ from pyroflows.density.estimator import ENTRIES, FORMAT, SCHEMA_ENTRIES, Density
 def fitted() -> tuple[DensityEstimator, pd.DataFrame]:
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"x": rng.normal(size=200), "n": rng.poisson(3.0, size=200)})
-    model = DensityEstimator("realnvp", epochs=2, progress=False, seed=0, layers=2, hidden=(8, 8))
+    model = DensityEstimator(
+        "realnvp", epochs=2, progress=False, seed=0, layers=2, hidden=(8, 8), select=False
+    )
     model.fit(frame)
     return model, frame
 
@@ -121,12 +123,12 @@ def test_a_saved_file_has_ordinary_permissions_and_a_replaced_one_keeps_its_own(
 def test_save_refuses_a_model_with_non_finite_weights(fitted, tmp_path):
     rng = np.random.default_rng(1)
     frame = pd.DataFrame({"x": rng.normal(size=100), "y": rng.normal(size=100)})
-    model = DensityEstimator("nice", epochs=1, progress=False, layers=1, hidden=(4,))
+    model = DensityEstimator("nice", epochs=1, progress=False, layers=1, hidden=(4,), select=False)
     model.fit(frame)
-    name, parameter = next(iter(model.model.flow.named_parameters()))
+    name, parameter = next(iter(model.model.density.flow.named_parameters()))
     with torch.no_grad():
         parameter.view(-1)[0] = math.nan
-    with pytest.raises(ValueError, match=re.escape(f"parameter 'flow.{name}' has NaN")):
+    with pytest.raises(ValueError, match=re.escape(f"parameter 'density.flow.{name}' has NaN")):
         model.save(tmp_path / "model.pt")
     assert list(tmp_path.iterdir()) == []
 
@@ -140,7 +142,7 @@ def _saved(model: DensityEstimator, path: Path) -> dict:
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("where", ["flow.", "chol"], ids=["flow weight", "whitening"])
+@pytest.mark.parametrize("where", ["density.flow.", "chol"], ids=["flow weight", "whitening"])
 def test_load_refuses_non_finite_weights_naming_file_and_parameter(fitted, tmp_path, where, value):
     path = tmp_path / "model.pt"
     saved = _saved(fitted[0], path)

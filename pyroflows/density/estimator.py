@@ -3,29 +3,26 @@ r"""DensityEstimator: an exact, trainable density of a table (forward KL), panda
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyro.distributions as dist
 import torch
 from torch import Tensor
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows._io import write_atomically
-from pyroflows.density.tabular import (
-    Column,
-    Schema,
-    TabularDensity,
-    check_values,
-    infer_schema,
-)
-from pyroflows.density.training import fit_max_likelihood
-from pyroflows.distributions import FlowDistribution
+from pyroflows.density.latent import FlowDensity
+from pyroflows.density.mixture import GaussianMixture
+from pyroflows.density.schema import Column, Schema, check_values, infer_schema
+from pyroflows.density.selection import choose_mixture
+from pyroflows.density.tabular import TabularDensity
+from pyroflows.density.training import evaluate, fit_max_likelihood
 from pyroflows.transforms import Flow
 from pyroflows.transforms.registry import build, check_options, list_flows
 
-FORMAT = "pyroflows.DensityEstimator/2"
+FORMAT = "pyroflows.DensityEstimator/3"
 # The entries of a saved model that load needs, with their types.
 ENTRIES = {
     "flow": str,
@@ -36,8 +33,11 @@ ENTRIES = {
     "seed": (int, type(None)),
     "dtype": str,
     "schema": dict,
+    "density": dict,
+    "report": dict,
     "state": dict,
 }
+DENSITY_ENTRIES = {"chosen": str, "components": int, "covariance": str}
 SCHEMA_ENTRIES = {"columns": list, "source": str, "extra": dict}
 
 
@@ -47,22 +47,29 @@ class DensityEstimator:
     ``fit(data)`` takes a pandas DataFrame, a 2-D numpy array or a 2-D tensor (on any
     device). Each row :math:`y` is mapped to the real line column by column (integer and
     boolean columns dequantised, positive columns through log, bounded columns through
-    logit), whitened by the Gaussian fitted to the training rows, and modelled by the flow
-    family ``flow`` (built with ``**options``); see :mod:`pyroflows.density.tabular`. Every map's
-    log-det is counted, so :meth:`log_prob` is an exact log-density in the data's own units
-    (for integer and boolean columns, of the probability of the value: the density
-    integrated over the value's bin). The flow starts at
-    the identity, i.e. as the fitted Gaussian, and training (minibatch Adam with a learning
-    rate that halves on plateaus, gradient clipping, early stopping on a ``validation``
-    fraction of the rows, best weights restored;
-    :func:`~pyroflows.density.training.fit_max_likelihood`) never ends
-    worse than that Gaussian on the validation rows.
+    logit) and whitened by the Gaussian fitted to the training rows
+    (:mod:`pyroflows.density.tabular`). Every map's log-det is counted, so
+    :meth:`log_prob` is an exact log-density in the data's own units (for integer and
+    boolean columns, of the probability of the value: the density integrated over the
+    value's bin).
+
+    The density of the whitened rows is the best, on the validation rows (``valid=`` or a
+    ``validation`` fraction of ``data``), of three candidates: the Gaussian, a Gaussian
+    mixture validated over its components and covariance type
+    (:func:`~pyroflows.density.selection.choose_mixture`), and the flow family ``flow``
+    (built with ``**options``) guarded in the tails (:mod:`pyroflows.density.latent`),
+    trained from the identity by minibatch Adam with a learning rate that halves on
+    plateaus, gradient clipping, early stopping on the validation rows and the best weights
+    restored (:func:`~pyroflows.density.training.fit_max_likelihood`). So the fitted model
+    never scores worse than the Gaussian or the mixture on the validation rows; ``select=
+    False`` keeps the flow regardless. :meth:`summary` reports the three scores and the
+    choice, :meth:`supports` the support of each column and why.
 
     Column supports: ``support={"col": "positive" | "real" | (low, high)}`` declares them;
-    undeclared float columns whose values are all positive and whose log is less skewed than
-    they are, and integer columns whose values are all >= 0, are detected as positive
-    unless ``auto_support=False``. Rows outside a fitted
-    support score ``-inf`` (density 0).
+    undeclared ones follow the data (:mod:`pyroflows.density.schema`): every value in
+    ``[0, 1]`` bounded to ``(0, 1)``, every value > 0 positive, integers >= 0 positive,
+    booleans in ``(0, 2)``, unless ``auto_support=False``. Rows outside a fitted support
+    score ``-inf`` (density 0); samples never leave it.
     Categorical and string columns are refused with an error that names them: encode them
     as numbers or indicators first.
 
@@ -77,8 +84,8 @@ class DensityEstimator:
     context row per data row (same input types) builds the family's conditional form
     (``context=`` in :func:`~pyroflows.build`; every built-in family has one) on
     standardised contexts; :meth:`log_prob`, :meth:`score` and :meth:`sample` then take the
-    context of each row. The start is then the marginal Gaussian of :math:`y`, and training
-    never ends worse than it on the validation rows.
+    context of each row. The baselines are then the marginal Gaussian and mixture of
+    :math:`y`.
 
     Families whose inverse is not one analytic pass (``planar``: numerical; ``iaf``: ``dim``
     sequential passes) are refused: scoring data needs the inverse on every step.
@@ -109,6 +116,7 @@ class DensityEstimator:
         patience: int = 30,
         clip: float = 5.0,
         validation: float = 0.2,
+        select: bool = True,
         compile: bool = False,
         support: dict[Any, Any] | None = None,
         auto_support: bool = True,
@@ -128,6 +136,7 @@ class DensityEstimator:
             "patience": check_positive_int("patience", patience),
             "clip": check_positive_float("clip", clip),
             "validation": _fraction(validation),
+            "select": bool(select),
             "compile": bool(compile),
         }
         self.support = support
@@ -140,39 +149,50 @@ class DensityEstimator:
         self.schema: Schema | None = None
         self.context_columns: list[str] | None = None
         self.history: pd.DataFrame | None = None
+        self.report: pd.DataFrame | None = None
+        self.mixtures: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, data: pd.DataFrame | np.ndarray | Tensor, context: Any = None) -> pd.DataFrame:
+    def fit(
+        self,
+        data: pd.DataFrame | np.ndarray | Tensor,
+        context: Any = None,
+        *,
+        valid: pd.DataFrame | np.ndarray | Tensor | None = None,
+        valid_context: Any = None,
+    ) -> pd.DataFrame:
         """Fit to the rows of ``data`` (given each row's ``context``, if any); return the
-        history (train and validation loss by epoch)."""
+        flow's training history (train and validation loss by epoch).
+
+        The validation rows are ``valid`` (same columns and type as ``data``, with their
+        ``valid_context`` for a conditional model) or, by default, a ``validation``
+        fraction of ``data`` drawn at random. Column supports are inferred from all rows.
+        Then, on the training rows: the whitening, Gaussian mixtures with 1 to 10
+        components (:func:`~pyroflows.density.selection.choose_mixture`), the flow over the
+        best mixture, and last the choice, by validation score, of the Gaussian, the
+        mixture or the flow (:attr:`report`, :meth:`summary`).
+        """
         frame, source, device, dtype = self._as_frame(data)
-        self.schema = infer_schema(frame, source, self.support, self.auto_support)
+        frames = [frame]
+        if valid is not None:
+            valid_frame = self._as_frame(valid)[0]
+            if list(valid_frame.columns) != list(frame.columns):
+                raise ValueError(
+                    f"valid has columns {list(valid_frame.columns)}, data {list(frame.columns)}"
+                )
+            frames.append(valid_frame)
+        self.schema = infer_schema(pd.concat(frames), source, self.support, self.auto_support)
         if source != "frame":
             self.schema.extra["dtype"] = str(data.dtype)
         self._device, self._dtype = device, dtype
         if self.seed is not None:
             torch.manual_seed(self.seed)
-        rows = self._to_tensor(frame)
-        contexts = None
-        if context is not None:
-            context_frame = self._context_frame(context, len(frame))
-            self.context_columns = [str(c) for c in context_frame.columns]
-            contexts = self._to_tensor(context_frame)
-        else:
-            self.context_columns = None
-        order = torch.randperm(len(rows), device=rows.device)
-        n_valid = max(1, round(self.fit_options["validation"] * len(rows)))
-        if len(rows) - n_valid < 2:
-            raise ValueError(f"too few rows ({len(rows)}) for a validation split of {n_valid}")
-        valid, train = rows[order[:n_valid]], rows[order[n_valid:]]
-        split = {}
-        if contexts is not None:
-            split = {
-                "train_context": contexts[order[n_valid:]],
-                "valid_context": contexts[order[:n_valid]],
-            }
-
+        train, valid_rows, train_context, valid_contexts = self._split(
+            frame, context, valid_frame if valid is not None else None, valid_context
+        )
+        self.context_columns = train_context[1] if train_context is not None else None
+        train_context = None if train_context is None else train_context[0]
         flow = self._build_flow()
         if flow.inverse_method != "analytic":
             raise ValueError(
@@ -180,17 +200,92 @@ class DensityEstimator:
                 f"estimator scores data with the inverse on every step, so it needs an "
                 f"analytic one-pass inverse: {', '.join(density_families())}"
             )
-        self.model = _assemble(self.schema.columns, flow, device, dtype)
-        self.model.initialize(train, split.get("train_context"))
+        dim = len(self.schema.columns)
+        maps = TabularDensity(self.schema.columns, GaussianMixture(1, dim), flow.context_features)
+        maps = maps.to(device=device, dtype=dtype)
+        maps.initialize(train, train_context)
+        started = time.perf_counter()
+        search = choose_mixture(
+            maps, train, valid_rows, valid_context=valid_contexts, progress=self.progress
+        )
+        seconds = [0.0, time.perf_counter() - started]
+        self.mixtures = pd.DataFrame(search.tried, columns=["components", "covariance", "valid"])
+        flow = flow.to(device=device, dtype=dtype)
+        flow.initialize(maps.latent(train), maps.scaled_context(train_context))
+        model = maps.with_density(FlowDensity(flow, GaussianMixture(1, dim)))
+        started = time.perf_counter()
         self.history = fit_max_likelihood(
-            self.model,
+            model,
             train,
-            valid,
+            valid_rows,
             progress=self.progress,
-            **split,
-            **{k: v for k, v in self.fit_options.items() if k != "validation"},
+            train_context=train_context,
+            valid_context=valid_contexts,
+            **{k: v for k, v in self.fit_options.items() if k not in ("validation", "select")},
+        )
+        seconds.append(time.perf_counter() - started)
+        candidates = {
+            "gaussian": maps.with_density(search.gaussian),
+            "mixture": maps.with_density(search.best),
+            "flow": model,
+        }
+        scores = [
+            search.gaussian_score,
+            search.best_score,
+            -evaluate(model, valid_rows, context=valid_contexts),
+        ]
+        chosen = int(np.argmax(scores)) if self.fit_options["select"] else 2  # first of ties
+        self.model = list(candidates.values())[chosen].eval()
+        best = search.best
+        self.report = pd.DataFrame(
+            {
+                "valid_nats": scores,
+                "details": [
+                    "full covariance",
+                    f"{best.components} components, {best.covariance} covariance",
+                    f"{self.family}, {len(self.history)} epochs",
+                ],
+                "seconds": seconds,
+                "chosen": [i == chosen for i in range(3)],
+            },
+            index=pd.Index(list(candidates), name="model"),
         )
         return self.history
+
+    def _split(
+        self, frame: pd.DataFrame, context: Any, valid: pd.DataFrame | None, valid_context: Any
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, list[str]] | None, Tensor | None]:
+        """Training and validation rows (and contexts, with the context's column names)."""
+        rows = self._to_tensor(frame)
+        contexts = names = None
+        if context is not None:
+            context_frame = self._context_frame(context, len(frame))
+            names = [str(c) for c in context_frame.columns]
+            contexts = self._to_tensor(context_frame)
+        elif valid_context is not None:
+            raise ValueError("valid_context is given, but no context for the training rows")
+        if valid is not None:
+            if (context is None) != (valid_context is None):
+                raise ValueError("a conditional fit with valid= needs valid_context= too")
+            valid_rows = self._to_tensor(valid)
+            valid_contexts = None
+            if valid_context is not None:
+                valid_contexts = self._to_tensor(self._context_frame(valid_context, len(valid)))
+            train, train_context = rows, contexts
+        else:
+            order = torch.randperm(len(rows), device=rows.device)
+            n_valid = max(1, round(self.fit_options["validation"] * len(rows)))
+            if len(rows) - n_valid < 2:
+                raise ValueError(f"too few rows ({len(rows)}) for a validation split of {n_valid}")
+            valid_rows, train = rows[order[:n_valid]], rows[order[n_valid:]]
+            valid_contexts = train_context = None
+            if contexts is not None:
+                train_context, valid_contexts = (
+                    contexts[order[n_valid:]],
+                    contexts[order[:n_valid]],
+                )
+        packed = None if train_context is None else (train_context, names)
+        return train, valid_rows, packed, valid_contexts
 
     def _build_flow(self) -> Flow:
         options = dict(self.options)
@@ -306,6 +401,8 @@ class DensityEstimator:
                 "extra": _plain(schema.extra),
             },
             "context_columns": self.context_columns,
+            "density": self._density_spec(),
+            "report": _plain(self.report.reset_index().to_dict(orient="list")),
             "state": state,
         }
         write_atomically(path, lambda temporary: torch.save(saved, temporary), overwrite=overwrite)
@@ -334,6 +431,7 @@ class DensityEstimator:
             raise ValueError(f"{name!r} is not a {FORMAT} file")
         _check_entries(saved, ENTRIES, name, "")
         _check_entries(saved["schema"], SCHEMA_ENTRIES, name, "schema.")
+        _check_entries(saved["density"], DENSITY_ENTRIES, name, "density.")
         state = saved["state"]
         damaged = _non_finite(state)
         if damaged is not None:
@@ -358,15 +456,69 @@ class DensityEstimator:
             estimator._dtype = _torch_dtype(saved["dtype"])
             estimator._device = torch.device("cpu" if device is None else device)
             estimator.context_columns = saved.get("context_columns")
-            flow = estimator._build_flow()
-            estimator.model = _assemble(columns, flow, estimator._device, estimator._dtype)
+            estimator.model = estimator._structure(saved["density"])
             estimator.model.load_state_dict(state)
+            estimator.report = pd.DataFrame(saved["report"]).set_index("model")
         except (TypeError, ValueError, KeyError, RuntimeError) as error:
             raise ValueError(f"{name!r} is a damaged {FORMAT} file: {error}") from error
         estimator.model.eval()
         return estimator
 
     # ------------------------------------------------------------------ helpers
+
+    def _density_spec(self) -> dict[str, Any]:
+        """What :meth:`_structure` needs to rebuild the fitted model's modules."""
+        density = self._fitted()[0].density
+        chosen = self.report.index[self.report["chosen"]][0]
+        mixture = density.base if isinstance(density, FlowDensity) else density
+        return {
+            "chosen": chosen,
+            "components": mixture.components,
+            "covariance": mixture.covariance,
+        }
+
+    def _structure(self, spec: dict[str, Any]) -> TabularDensity:
+        """The fitted model's modules (weights unset) from :meth:`_density_spec`'s spec."""
+        dim = len(self.schema.columns)
+        if spec["chosen"] not in ("gaussian", "mixture", "flow"):
+            raise ValueError(f"unknown density {spec['chosen']!r}")
+        mixture = GaussianMixture(spec["components"], dim, spec["covariance"])
+        flow = self._build_flow()
+        density = FlowDensity(flow, mixture) if spec["chosen"] == "flow" else mixture
+        model = TabularDensity(self.schema.columns, density, flow.context_features)
+        return model.to(device=self._device, dtype=self._dtype)
+
+    def summary(self) -> pd.DataFrame:
+        """How the fit did on the validation rows: one row per candidate (the Gaussian, the
+        validated mixture, the flow) with its mean log-likelihood (``valid_nats``, nats per
+        row in the data's units), its gain over the Gaussian, what it is, the seconds its
+        fit took (the mixture's: the whole search), and which one the estimator chose (and
+        now is). The supports chosen for the columns are
+        :meth:`supports`.
+
+        Example:
+            >>> rng = np.random.default_rng(0)
+            >>> x = rng.normal(size=400)
+            >>> frame = pd.DataFrame({"x": x, "y": x**2 + 0.1 * rng.normal(size=400)})
+            >>> model = DensityEstimator(epochs=3, progress=False, seed=0)
+            >>> _ = model.fit(frame)
+            >>> model.summary().columns.tolist()
+            ['valid_nats', 'gain_over_gaussian', 'details', 'seconds', 'chosen']
+            >>> model.summary().index.tolist()
+            ['gaussian', 'mixture', 'flow']
+        """
+        if self.report is None:
+            raise RuntimeError("this DensityEstimator is not fitted yet: call fit(data) first")
+        report = self.report.copy()
+        report.insert(
+            1, "gain_over_gaussian", report["valid_nats"] - report.loc["gaussian", "valid_nats"]
+        )
+        return report
+
+    def supports(self) -> pd.DataFrame:
+        """The support inferred or declared for each column, and why
+        (:meth:`~pyroflows.density.schema.Schema.table`)."""
+        return self._fitted()[1].table()
 
     @property
     def columns(self) -> list[str]:
@@ -471,8 +623,17 @@ class DensityEstimator:
         return _cast(frame, self._dtype, what).to(self._device)
 
     def __repr__(self) -> str:
-        state = f"fitted on {len(self.schema.columns)} columns" if self.schema else "not fitted"
-        return f"DensityEstimator(flow={self.family!r}, {state})"
+        head = f"DensityEstimator(flow={self.family!r}"
+        if self.report is None:
+            return head + ", not fitted)"
+        scores = ", ".join(
+            f"{name} {row.valid_nats:.3f}{' (chosen)' if row.chosen else ''}"
+            for name, row in self.report.iterrows()
+        )
+        return (
+            f"{head}, fitted on {len(self.schema.columns)} columns; validation nats per row: "
+            f"{scores})"
+        )
 
 
 def density_families() -> list[str]:
@@ -484,18 +645,6 @@ def density_families() -> list[str]:
         (True, False)
     """
     return [name for name in list_flows() if build(name, 2).inverse_method == "analytic"]
-
-
-def _assemble(
-    columns: list[Column], flow, device: torch.device, dtype: torch.dtype
-) -> TabularDensity:
-    dim = len(columns)
-    zeros = torch.zeros(dim, device=device, dtype=dtype)
-    # Inputs are checked by the estimator; per-call support checks would only cost time.
-    base = dist.Normal(zeros, torch.ones_like(zeros), validate_args=False).to_event(1)
-    eye = torch.eye(dim, device=device, dtype=dtype)
-    flow_dist = FlowDistribution(base, flow.to(device=device, dtype=dtype), validate_args=False)
-    return TabularDensity(columns, flow_dist, zeros.clone(), eye).to(device=device, dtype=dtype)
 
 
 def _array_frame(values: np.ndarray, name: str) -> pd.DataFrame:
