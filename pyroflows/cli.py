@@ -124,7 +124,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     """The command-line parser; ``--flow`` offers the families a density estimator takes."""
-    families = density_families()
+    families = ["auto", *density_families()]
     force = "replace --out if it exists (an input file is never replaced)"
     top = argparse.ArgumentParser(
         prog="pyroflows", description="Normalizing-flow densities of tables, and a demo."
@@ -133,13 +133,13 @@ def parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit a flow density to a CSV or Parquet table")
     fit.add_argument("data", help="a .csv or .parquet file, one row per observation")
-    fit.add_argument("--flow", default="realnvp", choices=families)
+    fit.add_argument("--flow", default="auto", choices=families)
     fit.add_argument(
         "--out", required=True, help="where to write the fitted model (.pt), checked first"
     )
     fit.add_argument("--force", action="store_true", help=force)
     fit.add_argument("--epochs", type=int, default=1000, help="most epochs (early stopping)")
-    fit.add_argument("--batch-size", type=int, default=256)
+    fit.add_argument("--batch-size", type=int, default=None)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--patience", type=int, default=30)
     fit.add_argument("--seed", type=int, default=None)
@@ -183,7 +183,7 @@ def parser() -> argparse.ArgumentParser:
         "Gaussian mixture's, and write figures of samples against data and of the loss. "
         "Needs the demo extra: pip install 'pyroflows[demo]'.",
     )
-    demo.add_argument("--flow", default="realnvp", choices=families)
+    demo.add_argument("--flow", default="auto", choices=families)
     demo.add_argument("--epochs", type=int, default=1000, help="most epochs (early stopping)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
@@ -230,7 +230,8 @@ def _fit(args: argparse.Namespace) -> int:
         ) from None
     chosen = estimator.report.index[estimator.report["chosen"]][0]
     print(
-        f"fitted {args.flow} to {len(table)} rows x {table.shape[1]} columns in {len(history)} "
+        f"fitted {estimator.flow_family} to {len(table)} rows x {table.shape[1]} columns in "
+        f"{len(history)} "
         f"epochs; best validation loss {history['valid_loss'].min():.4f} nats per row; "
         f"the model is the {chosen}; wrote {args.out}\n\n"
         f"validation log-likelihood, nats per row:\n{estimator.summary().to_string()}\n\n"

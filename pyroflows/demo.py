@@ -34,7 +34,7 @@ PAIR_COLUMNS = ["mean radius", "mean texture", "worst concavity", "worst area"]
 class DemoResult:
     """Held-out mean log-likelihoods (nats per row, data units) and where the figures went."""
 
-    flow: str
+    flow: str  # the family trained, and the model chosen (the flow, the blend, ...)
     flow_loglik: float
     gaussian_loglik: float
     mixture_loglik: float
@@ -56,7 +56,7 @@ def load_table() -> pd.DataFrame:
 
 
 def run_demo(
-    flow: str = "realnvp",
+    flow: str = "auto",
     *,
     out: str | Path = "pyroflows-demo",
     seed: int = 0,
@@ -94,8 +94,9 @@ def run_demo(
         _pair_plot(test, estimator.sample(len(test)), out / "samples_vs_data.png"),
         _loss_curve(history, out / "loss.png"),
     ]
+    chosen = estimator.report.index[estimator.report["chosen"]][0]
     return DemoResult(
-        flow,
+        f"{estimator.flow_family} ({chosen})",
         flow_loglik,
         float(gaussian),
         float(mixture.mean()),

@@ -142,7 +142,7 @@ def _saved(model: DensityEstimator, path: Path) -> dict:
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("where", ["density.flow.", "chol"], ids=["flow weight", "whitening"])
+@pytest.mark.parametrize("where", ["density.flow.", "scale"], ids=["flow weight", "scaling"])
 def test_load_refuses_non_finite_weights_naming_file_and_parameter(fitted, tmp_path, where, value):
     path = tmp_path / "model.pt"
     saved = _saved(fitted[0], path)

@@ -2,6 +2,7 @@ r"""DensityEstimator: an exact, trainable density of a table (forward KL), panda
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -13,16 +14,18 @@ from torch import Tensor
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows._io import write_atomically
-from pyroflows.density.latent import FlowDensity
+from pyroflows.density.latent import Blend, FlowDensity, blend_weight
 from pyroflows.density.mixture import GaussianMixture
 from pyroflows.density.schema import Column, Schema, check_values, infer_schema
 from pyroflows.density.selection import choose_mixture
 from pyroflows.density.tabular import TabularDensity
-from pyroflows.density.training import evaluate, fit_max_likelihood
+from pyroflows.density.training import fit_max_likelihood
 from pyroflows.transforms import Flow
 from pyroflows.transforms.registry import build, check_options, list_flows
 
 FORMAT = "pyroflows.DensityEstimator/3"
+#: the families that ``flow="auto"`` trains, keeping the best on the validation rows
+AUTO = ("nsf", "realnvp")
 # The entries of a saved model that load needs, with their types.
 ENTRIES = {
     "flow": str,
@@ -37,33 +40,35 @@ ENTRIES = {
     "report": dict,
     "state": dict,
 }
-DENSITY_ENTRIES = {"chosen": str, "components": int, "covariance": str}
+DENSITY_ENTRIES = {"chosen": str, "family": str, "components": int, "covariance": str}
 SCHEMA_ENTRIES = {"columns": list, "source": str, "extra": dict}
 
 
 class DensityEstimator:
     r"""Maximum-likelihood flow density of tabular data: ``fit``, ``log_prob``, ``sample``.
 
-    ``fit(data)`` takes a pandas DataFrame, a 2-D numpy array or a 2-D tensor (on any
-    device). Each row :math:`y` is mapped to the real line column by column (integer and
-    boolean columns dequantised, positive columns through log, bounded columns through
-    logit) and whitened by the Gaussian fitted to the training rows
-    (:mod:`pyroflows.density.tabular`). Every map's log-det is counted, so
-    :meth:`log_prob` is an exact log-density in the data's own units (for integer and
-    boolean columns, of the probability of the value: the density integrated over the
-    value's bin).
+    ``fit(data)`` takes a pandas DataFrame, a 2-D numpy array or a 2-D tensor (on any device).
+    Each row :math:`y` is mapped to the real line column by column (integer and boolean
+    columns dequantised, positive columns through log, bounded columns through logit) and
+    standardised by the training rows (:mod:`pyroflows.density.tabular`). Every map's
+    log-det is counted, so :meth:`log_prob` is an exact log-density in the data's own units
+    (for integer and boolean columns, of the probability of the value: the density
+    integrated over the value's bin).
 
-    The density of the whitened rows is the best, on the validation rows (``valid=`` or a
-    ``validation`` fraction of ``data``), of three candidates: the Gaussian, a Gaussian
+    The density of the standardised rows is the best, on the validation rows (``valid=`` or a
+    ``validation`` fraction of ``data``), of four candidates: the Gaussian, a Gaussian
     mixture validated over its components and covariance type
-    (:func:`~pyroflows.density.selection.choose_mixture`), and the flow family ``flow``
-    (built with ``**options``) guarded in the tails (:mod:`pyroflows.density.latent`),
-    trained from the identity by minibatch Adam with a learning rate that halves on
-    plateaus, gradient clipping, early stopping on the validation rows and the best weights
-    restored (:func:`~pyroflows.density.training.fit_max_likelihood`). So the fitted model
-    never scores worse than the Gaussian or the mixture on the validation rows; ``select=
-    False`` keeps the flow regardless. :meth:`summary` reports the three scores and the
-    choice, :meth:`supports` the support of each column and why.
+    (:func:`~pyroflows.density.selection.choose_mixture`), the flow family ``flow``
+    (built with ``**options``; ``"auto"`` trains each of :data:`AUTO` and keeps the best on
+    the validation rows) over the Gaussian and guarded in the tails
+    (:mod:`pyroflows.density.latent`), trained from the identity by minibatch Adam with a
+    learning rate that halves on plateaus, gradient clipping, early stopping on the
+    validation rows and the best weights restored
+    (:func:`~pyroflows.density.training.fit_max_likelihood`), and a blend of the flow and
+    the mixture (:class:`~pyroflows.density.latent.Blend`). So the fitted model never
+    scores worse than the Gaussian or the mixture on the validation rows; ``select=False``
+    keeps the flow regardless. :meth:`summary` reports the four scores and the choice,
+    :meth:`supports` the support of each column and why.
 
     Column supports: ``support={"col": "positive" | "real" | (low, high)}`` declares them;
     undeclared ones follow the data (:mod:`pyroflows.density.schema`): every value in
@@ -108,10 +113,10 @@ class DensityEstimator:
 
     def __init__(
         self,
-        flow: str = "realnvp",
+        flow: str = "auto",
         *,
         epochs: int = 1000,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         lr: float = 1e-3,
         patience: int = 30,
         clip: float = 5.0,
@@ -126,12 +131,15 @@ class DensityEstimator:
         dtype: torch.dtype | None = None,
         **options: Any,
     ) -> None:
-        check_options(flow, options)  # an unknown family or option fails here, not at fit
+        for family in AUTO if flow == "auto" else [flow]:
+            check_options(family, options)  # an unknown family or option fails here
         self.family = flow
         self.options = options
         self.fit_options = {
             "epochs": check_positive_int("epochs", epochs),
-            "batch_size": check_positive_int("batch_size", batch_size),
+            "batch_size": None
+            if batch_size is None
+            else check_positive_int("batch_size", batch_size),
             "lr": check_positive_float("lr", lr),
             "patience": check_positive_int("patience", patience),
             "clip": check_positive_float("clip", clip),
@@ -150,6 +158,7 @@ class DensityEstimator:
         self.context_columns: list[str] | None = None
         self.history: pd.DataFrame | None = None
         self.report: pd.DataFrame | None = None
+        self.flow_family: str | None = None
         self.mixtures: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ fitting
@@ -168,10 +177,10 @@ class DensityEstimator:
         The validation rows are ``valid`` (same columns and type as ``data``, with their
         ``valid_context`` for a conditional model) or, by default, a ``validation``
         fraction of ``data`` drawn at random. Column supports are inferred from all rows.
-        Then, on the training rows: the whitening, Gaussian mixtures with 1 to 10
-        components (:func:`~pyroflows.density.selection.choose_mixture`), the flow over the
-        best mixture, and last the choice, by validation score, of the Gaussian, the
-        mixture or the flow (:attr:`report`, :meth:`summary`).
+        Then, on the training rows: the standardisation, Gaussian mixtures with 1 to 10
+        components (:func:`~pyroflows.density.selection.choose_mixture`), the flow, and
+        last the choice, by validation score, of the Gaussian, the mixture, the flow or a
+        blend of the last two (:attr:`report`, :meth:`summary`).
         """
         frame, source, device, dtype = self._as_frame(data)
         frames = [frame]
@@ -188,20 +197,25 @@ class DensityEstimator:
         self._device, self._dtype = device, dtype
         if self.seed is not None:
             torch.manual_seed(self.seed)
+        self.context_columns = None
+        if context is not None:
+            names = self._context_frame(context, len(frame)).columns
+            self.context_columns = [str(c) for c in names]
         train, valid_rows, train_context, valid_contexts = self._split(
             frame, context, valid_frame if valid is not None else None, valid_context
         )
-        self.context_columns = train_context[1] if train_context is not None else None
-        train_context = None if train_context is None else train_context[0]
-        flow = self._build_flow()
-        if flow.inverse_method != "analytic":
-            raise ValueError(
-                f"flow family {self.family!r} has a {flow.inverse_method} inverse; a density "
-                f"estimator scores data with the inverse on every step, so it needs an "
-                f"analytic one-pass inverse: {', '.join(density_families())}"
-            )
+        families = list(AUTO) if self.family == "auto" else [self.family]
+        for family in families:
+            inverse = self._build_flow(family).inverse_method
+            if inverse != "analytic":
+                raise ValueError(
+                    f"flow family {family!r} has a {inverse} inverse; a density estimator "
+                    f"scores data with the inverse on every step, so it needs an analytic "
+                    f"one-pass inverse: {', '.join(density_families())}"
+                )
         dim = len(self.schema.columns)
-        maps = TabularDensity(self.schema.columns, GaussianMixture(1, dim), flow.context_features)
+        context_features = 0 if self.context_columns is None else len(self.context_columns)
+        maps = TabularDensity(self.schema.columns, GaussianMixture(1, dim), context_features)
         maps = maps.to(device=device, dtype=dtype)
         maps.initialize(train, train_context)
         started = time.perf_counter()
@@ -209,31 +223,39 @@ class DensityEstimator:
             maps, train, valid_rows, valid_context=valid_contexts, progress=self.progress
         )
         seconds = [0.0, time.perf_counter() - started]
-        self.mixtures = pd.DataFrame(search.tried, columns=["components", "covariance", "valid"])
-        flow = flow.to(device=device, dtype=dtype)
-        flow.initialize(maps.latent(train), maps.scaled_context(train_context))
-        model = maps.with_density(FlowDensity(flow, GaussianMixture(1, dim)))
-        started = time.perf_counter()
-        self.history = fit_max_likelihood(
-            model,
-            train,
-            valid_rows,
-            progress=self.progress,
-            train_context=train_context,
-            valid_context=valid_contexts,
-            **{k: v for k, v in self.fit_options.items() if k not in ("validation", "select")},
+        self.mixtures = pd.DataFrame(
+            search.tried, columns=["components", "covariance", "ridge", "valid"]
         )
+        started = time.perf_counter()
+        flows = {}  # family: (model, history, validation log-densities)
+        for family in families:
+            flow = self._build_flow(family).to(device=device, dtype=dtype)
+            flow.initialize(maps.latent(train), maps.scaled_context(train_context))
+            model = maps.with_density(FlowDensity(flow, search.gaussian))
+            history = fit_max_likelihood(
+                model,
+                train,
+                valid_rows,
+                progress=self.progress,
+                train_context=train_context,
+                valid_context=valid_contexts,
+                **self._training_options(len(train)),
+            )
+            flows[family] = model, history, _log_probs(model, valid_rows, valid_contexts)
         seconds.append(time.perf_counter() - started)
+        self.flow_family = max(flows, key=lambda family: _mean(flows[family][2]))
+        model, self.history, flow_rows = flows[self.flow_family]
+        mixture = maps.with_density(search.best)
+        mixture_rows = _log_probs(mixture, valid_rows, valid_contexts)
+        weight, blend_score = blend_weight(flow_rows, mixture_rows)  # its ends: flow, mixture
         candidates = {
             "gaussian": maps.with_density(search.gaussian),
-            "mixture": maps.with_density(search.best),
+            "mixture": mixture,
             "flow": model,
+            "blend": maps.with_density(Blend(model.density, search.best, weight)),
         }
-        scores = [
-            search.gaussian_score,
-            search.best_score,
-            -evaluate(model, valid_rows, context=valid_contexts),
-        ]
+        scores = [search.gaussian_score, _mean(mixture_rows), _mean(flow_rows), blend_score]
+        seconds.append(0.0)
         chosen = int(np.argmax(scores)) if self.fit_options["select"] else 2  # first of ties
         self.model = list(candidates.values())[chosen].eval()
         best = search.best
@@ -242,11 +264,17 @@ class DensityEstimator:
                 "valid_nats": scores,
                 "details": [
                     "full covariance",
-                    f"{best.components} components, {best.covariance} covariance",
-                    f"{self.family}, {len(self.history)} epochs",
+                    f"{best.components} components, {best.covariance} covariance, "
+                    f"ridge {search.best_ridge:g}",
+                    ", ".join(
+                        f"{family} {_mean(rows):.3f} ({len(history)} epochs)"
+                        for family, (_, history, rows) in flows.items()
+                    )
+                    + f": {self.flow_family}",
+                    f"{1 - weight:.2f} flow + {weight:.2f} mixture",
                 ],
                 "seconds": seconds,
-                "chosen": [i == chosen for i in range(3)],
+                "chosen": [i == chosen for i in range(len(scores))],
             },
             index=pd.Index(list(candidates), name="model"),
         )
@@ -254,14 +282,12 @@ class DensityEstimator:
 
     def _split(
         self, frame: pd.DataFrame, context: Any, valid: pd.DataFrame | None, valid_context: Any
-    ) -> tuple[Tensor, Tensor, tuple[Tensor, list[str]] | None, Tensor | None]:
-        """Training and validation rows (and contexts, with the context's column names)."""
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Training and validation rows, and their contexts."""
         rows = self._to_tensor(frame)
-        contexts = names = None
+        contexts = None
         if context is not None:
-            context_frame = self._context_frame(context, len(frame))
-            names = [str(c) for c in context_frame.columns]
-            contexts = self._to_tensor(context_frame)
+            contexts = self._to_tensor(self._context_frame(context, len(frame)))
         elif valid_context is not None:
             raise ValueError("valid_context is given, but no context for the training rows")
         if valid is not None:
@@ -284,14 +310,19 @@ class DensityEstimator:
                     contexts[order[n_valid:]],
                     contexts[order[:n_valid]],
                 )
-        packed = None if train_context is None else (train_context, names)
-        return train, valid_rows, packed, valid_contexts
+        return train, valid_rows, train_context, valid_contexts
 
-    def _build_flow(self) -> Flow:
+    def _build_flow(self, family: str) -> Flow:
         options = dict(self.options)
         if self.context_columns is not None:
             options["context"] = len(self.context_columns)
-        return build(self.family, len(self.schema.columns), **options)
+        return build(family, len(self.schema.columns), **options)
+
+    def _training_options(self, rows: int) -> dict[str, Any]:
+        """The options of :func:`~pyroflows.density.training.fit_max_likelihood`."""
+        options = {k: v for k, v in self.fit_options.items() if k not in ("validation", "select")}
+        options["batch_size"] = options["batch_size"] or default_batch_size(rows)
+        return options
 
     # ------------------------------------------------------------------ scoring
 
@@ -308,13 +339,7 @@ class DensityEstimator:
         frame = self._checked(data)
         rows = self._to_tensor(frame)
         contexts = self._checked_context(context, len(frame))
-        model.eval()
-        with torch.no_grad():
-            if contexts is None:
-                values = torch.cat([model.log_prob(chunk) for chunk in rows.split(65536)])
-            else:
-                pairs = zip(rows.split(65536), contexts.split(65536), strict=True)
-                values = torch.cat([model.log_prob(chunk, c) for chunk, c in pairs])
+        values = _log_probs(model, rows, contexts)
         if isinstance(data, Tensor):
             return values
         if isinstance(data, pd.DataFrame):
@@ -457,6 +482,7 @@ class DensityEstimator:
             estimator._device = torch.device("cpu" if device is None else device)
             estimator.context_columns = saved.get("context_columns")
             estimator.model = estimator._structure(saved["density"])
+            estimator.flow_family = saved["density"]["family"]
             estimator.model.load_state_dict(state)
             estimator.report = pd.DataFrame(saved["report"]).set_index("model")
         except (TypeError, ValueError, KeyError, RuntimeError) as error:
@@ -470,9 +496,11 @@ class DensityEstimator:
         """What :meth:`_structure` needs to rebuild the fitted model's modules."""
         density = self._fitted()[0].density
         chosen = self.report.index[self.report["chosen"]][0]
-        mixture = density.base if isinstance(density, FlowDensity) else density
+        mixture = {"flow": "base", "blend": "mixture"}.get(chosen)
+        mixture = density if mixture is None else getattr(density, mixture)
         return {
             "chosen": chosen,
+            "family": self.flow_family,
             "components": mixture.components,
             "covariance": mixture.covariance,
         }
@@ -480,12 +508,19 @@ class DensityEstimator:
     def _structure(self, spec: dict[str, Any]) -> TabularDensity:
         """The fitted model's modules (weights unset) from :meth:`_density_spec`'s spec."""
         dim = len(self.schema.columns)
-        if spec["chosen"] not in ("gaussian", "mixture", "flow"):
-            raise ValueError(f"unknown density {spec['chosen']!r}")
         mixture = GaussianMixture(spec["components"], dim, spec["covariance"])
-        flow = self._build_flow()
-        density = FlowDensity(flow, mixture) if spec["chosen"] == "flow" else mixture
-        model = TabularDensity(self.schema.columns, density, flow.context_features)
+        flow = self._build_flow(spec["family"])
+        densities = {
+            "gaussian": lambda: mixture,
+            "mixture": lambda: mixture,
+            "flow": lambda: FlowDensity(flow, mixture),
+            "blend": lambda: Blend(FlowDensity(flow, GaussianMixture(1, dim)), mixture, 0.5),
+        }
+        if spec["chosen"] not in densities:
+            raise ValueError(f"unknown density {spec['chosen']!r}")
+        model = TabularDensity(
+            self.schema.columns, densities[spec["chosen"]](), flow.context_features
+        )
         return model.to(device=self._device, dtype=self._dtype)
 
     def summary(self) -> pd.DataFrame:
@@ -505,7 +540,7 @@ class DensityEstimator:
             >>> model.summary().columns.tolist()
             ['valid_nats', 'gain_over_gaussian', 'details', 'seconds', 'chosen']
             >>> model.summary().index.tolist()
-            ['gaussian', 'mixture', 'flow']
+            ['gaussian', 'mixture', 'flow', 'blend']
         """
         if self.report is None:
             raise RuntimeError("this DensityEstimator is not fitted yet: call fit(data) first")
@@ -636,6 +671,20 @@ class DensityEstimator:
         )
 
 
+def default_batch_size(rows: int) -> int:
+    """The minibatch size for ``rows`` training rows when none is given: 256 up to 16,384
+    rows (64 steps an epoch or fewer), then the power of two nearest to ``rows / 64``, up to
+    2,048, so that an epoch of a large table takes about 64 steps, not hundreds.
+
+    Example:
+        >>> default_batch_size(455), default_batch_size(80_000), default_batch_size(10**7)
+        (256, 1024, 2048)
+    """
+    if rows <= 16_384:
+        return 256
+    return min(2048, 2 ** round(math.log2(rows / 64)))
+
+
 def density_families() -> list[str]:
     """The registered families a density estimator takes: those whose inverse (the density
     direction) is one analytic pass.
@@ -645,6 +694,22 @@ def density_families() -> list[str]:
         (True, False)
     """
     return [name for name in list_flows() if build(name, 2).inverse_method == "analytic"]
+
+
+@torch.no_grad()
+def _log_probs(model: TabularDensity, rows: Tensor, context: Tensor | None) -> Tensor:
+    """``model.log_prob`` of each row (given its context) in eval mode, in chunks."""
+    model.eval()
+    if context is None:
+        return torch.cat([model.log_prob(chunk) for chunk in rows.split(65536)])
+    pairs = zip(rows.split(65536), context.split(65536), strict=True)
+    return torch.cat([model.log_prob(chunk, c) for chunk, c in pairs])
+
+
+def _mean(values: Tensor) -> float:
+    """The mean of ``values`` as a float, ``-inf`` where it is not finite."""
+    mean = values.double().mean().item()
+    return mean if math.isfinite(mean) else -math.inf
 
 
 def _array_frame(values: np.ndarray, name: str) -> pd.DataFrame:

@@ -6,7 +6,7 @@ flow.
 
 :class:`GaussianMixture` holds its parameters as buffers, so a flow's optimiser never sees
 them, ``.to(...)`` moves them with the flow, and ``state_dict()`` saves them;
-:func:`fit_gaussian_mixture` computes them from (whitened) data by expectation-maximisation.
+:func:`fit_gaussian_mixture` computes them from (standardised) data by expectation-maximisation.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def _m_step(x: Tensor, resp: Tensor, ridge: float, diag: bool) -> tuple[Tensor, 
     mass = resp.sum(0).clamp_min(torch.finfo(x.dtype).tiny)  # (K,)
     log_weights = mass.log() - math.log(n)
     loc = (resp.T @ x) / mass.unsqueeze(-1)
-    if diag:  # E[x^2] - E[x]^2 cancels little in float64 on whitened rows
+    if diag:  # E[x^2] - E[x]^2 cancels little in float64 on standardised rows
         var = (resp.T @ x.square()) / mass.unsqueeze(-1) - loc.square()
         scale = (var.clamp_min(0) + ridge).sqrt()
         singular = (scale == 0).any()
@@ -313,9 +313,9 @@ def fit_gaussian_mixture(
     improves by less than ``tolerance`` nats, or after ``iterations`` M-steps. All in float64
     on ``x``'s device; the result has ``x``'s dtype and device.
 
-    **Ridge.** :math:`\lambda` = ``ridge`` is absolute: ``x`` is assumed whitened (zero mean,
-    unit overall covariance, as a flow's latent space is), so it is a fixed fraction of the
-    data's scale and bounds every component's density away from a collapse onto few rows.
+    **Ridge.** :math:`\lambda` = ``ridge`` is absolute: ``x`` is assumed standardised (zero
+    mean, unit variances, as a density estimator's rows are), so it is a fixed fraction of
+    the data's scale and bounds every component's density away from a collapse onto few rows.
 
     **Empty components.** A component whose total responsibility :math:`N_k` falls below
     ``1e-6`` rows is re-seeded rather than left to die: it takes the row the mixture

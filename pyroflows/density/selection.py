@@ -1,12 +1,14 @@
 r"""The baselines a fitted density is measured against, chosen on the validation rows.
 
-:func:`choose_mixture` fits Gaussian mixtures to the whitened training rows, with
+:func:`choose_mixture` fits Gaussian mixtures to the standardised training rows, with
 :math:`K = 1, 2, \dots` components and full or diagonal covariances, and scores each on
 the validation rows exactly as the final model is scored (in the data's units, discrete
 columns integrated over their bins). The mixture with :math:`K = 1` is the Gaussian fitted
-to the rows: the standard normal of the whitened rows. For each covariance type the search
+to the rows (:func:`fitted_gaussian`). For each covariance type the search
 stops after ``patience`` values of :math:`K` in a row without a better validation score,
-or at ``max_components``.
+or at ``max_components``; each covariance gets a ridge of ``RIDGES[0]`` on its diagonal
+(the rows are standardised, so a ridge is a fraction of their variance). The winner is then
+refitted with each other ridge of :data:`RIDGES`, and the best of all is chosen.
 """
 
 from __future__ import annotations
@@ -18,24 +20,29 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pyroflows.density.mixture import COVARIANCES, GaussianMixture, fit_gaussian_mixture
-from pyroflows.density.tabular import TabularDensity
+from pyroflows.density.tabular import TabularDensity, gaussian_moments
 from pyroflows.density.training import evaluate
 
 #: EM starts per mixture
 RESTARTS = 3
+#: ridges added to each covariance (of standardised rows): the first in the search over
+#: components and covariance types, the others then tried on the winner
+RIDGES = (1e-3, 1e-4, 1e-2, 3e-2, 1e-1)
 
 
 @dataclass
 class MixtureSearch:
     """The outcome of :func:`choose_mixture`: the Gaussian (``K = 1``, full covariance),
-    the best mixture, and every ``(components, covariance, valid_nats)`` tried, where
-    ``valid_nats`` is the mean validation log-likelihood in nats per row."""
+    the best mixture (and its ridge), and every ``(components, covariance, ridge,
+    valid_nats)`` tried, where ``valid_nats`` is the mean validation log-likelihood in nats
+    per row."""
 
     gaussian: GaussianMixture
     gaussian_score: float
     best: GaussianMixture
+    best_ridge: float
     best_score: float
-    tried: list[tuple[int, str, float]] = field(default_factory=list)
+    tried: list[tuple[int, str, float, float]] = field(default_factory=list)
 
 
 def choose_mixture(
@@ -52,7 +59,7 @@ def choose_mixture(
     """Fit mixtures to ``maps.latent`` of the ``train`` rows (dequantised with one draw of
     uniform noise) and choose the best by the validation score of ``maps`` over each.
 
-    ``maps`` holds the preprocessing (column maps and whitening, already started on the
+    ``maps`` holds the preprocessing (column maps and standardisation, already started on the
     training rows); ``train`` and ``valid`` are raw rows, and ``valid_context`` the
     validation rows' contexts for a conditional ``maps`` (a mixture ignores them: it is the
     marginal density of the rows). ``progress`` shows a bar over the mixtures (its total is
@@ -69,40 +76,63 @@ def choose_mixture(
         >>> search.best.components >= 2, search.best_score > search.gaussian_score
         (True, True)
     """
-    dim = maps.mean.shape[-1]
-    gaussian = GaussianMixture(1, dim).to(device=train.device, dtype=train.dtype)
+    gaussian = fitted_gaussian(maps.latent(train))
     gaussian_score = _score(maps, gaussian, valid, valid_context)
     noise = torch.rand(train.shape, generator=generator, dtype=train.dtype).to(train.device)
     latent = maps.latent(train, noise)
-    tried = [(1, "full", gaussian_score)]
-    found = [(gaussian, gaussian_score)]
+    tried = [(1, "full", 0.0, gaussian_score)]
+    found = [(gaussian, 0.0, gaussian_score)]
     largest = min(max_components, len(latent) // 2)
     bar = tqdm(
-        total=len(COVARIANCES) * max(0, largest - 1),
+        total=len(COVARIANCES) * max(0, largest - 1) + len(RIDGES) - 1,
         disable=not progress,
         desc="mixtures",
         unit="fit",
     )
+
+    def attempt(k: int, covariance: str, ridge: float) -> float:
+        mixture = fit_gaussian_mixture(
+            latent, k, covariance, ridge=ridge, restarts=RESTARTS, generator=generator
+        )
+        score = _score(maps, mixture, valid, valid_context)
+        tried.append((k, covariance, ridge, score))
+        found.append((mixture, ridge, score))
+        bar.update()
+        bar.set_postfix(k=k, covariance=covariance, ridge=ridge, valid=f"{score:.4f}")
+        return score
+
     for covariance in COVARIANCES:
         best, stale = gaussian_score, 0
         for k in range(2, largest + 1):
-            mixture = fit_gaussian_mixture(
-                latent, k, covariance, restarts=RESTARTS, generator=generator
-            )
-            score = _score(maps, mixture, valid, valid_context)
-            tried.append((k, covariance, score))
-            found.append((mixture, score))
-            bar.update()
-            bar.set_postfix(k=k, covariance=covariance, valid=f"{score:.4f}", refresh=False)
+            score = attempt(k, covariance, RIDGES[0])
             if score > best:
                 best, stale = score, 0
             else:
                 stale += 1
                 if stale >= patience:
                     break
+    winner = max(found, key=lambda entry: entry[-1])[0]  # the first of ties
+    if winner.components > 1:
+        for ridge in RIDGES[1:]:
+            attempt(winner.components, winner.covariance, ridge)
     bar.close()
-    best_mixture, best_score = max(found, key=lambda pair: pair[1])  # the first of ties
-    return MixtureSearch(gaussian, gaussian_score, best_mixture, best_score, tried)
+    best_mixture, best_ridge, best_score = max(found, key=lambda entry: entry[-1])
+    return MixtureSearch(gaussian, gaussian_score, best_mixture, best_ridge, best_score, tried)
+
+
+def fitted_gaussian(u: Tensor) -> GaussianMixture:
+    """The Gaussian fitted to the rows ``u`` (mean, and unbiased covariance with a ridge of
+    ``1e-6`` times the mean variance), as a one-component mixture.
+
+    Example:
+        >>> u = torch.tensor([[0.0, 1.0], [2.0, 1.0], [1.0, 4.0]])
+        >>> fitted_gaussian(u).loc
+        tensor([[1., 2.]])
+    """
+    mean, chol = gaussian_moments(u)
+    gaussian = GaussianMixture(1, u.shape[-1]).to(device=u.device, dtype=u.dtype)
+    gaussian.set(torch.zeros_like(mean[:1]), mean.unsqueeze(0), chol.unsqueeze(0))
+    return gaussian
 
 
 def _score(

@@ -6,14 +6,16 @@ A table's row :math:`y` is mapped to :math:`u = W(s(y))` with
   :math:`k` becomes :math:`k + \epsilon`, :math:`\epsilon \sim U(0, 1)`); positive columns
   go through :math:`\log`; columns bounded in :math:`(a, b)` through
   :math:`\mathrm{logit}((y - a) / (b - a))`; real columns stay as they are;
-* :math:`W`, a whitening by the Gaussian fitted to the training rows:
-  :math:`W(x) = L^{-1}(x - \mu)` with :math:`LL^\top` their covariance.
+* :math:`W`, a standardisation by the training rows' means and standard deviations:
+  :math:`W(x)_i = (x_i - \mu_i) / \sigma_i`. Only scaled, not decorrelated: each column
+  keeps its own axis, where dequantisation and bounds leave sharp, axis-aligned edges
+  that coupling and autoregressive flows model well (decorrelating by a Cholesky factor
+  shears them; it cost a spline flow 20 nats per row on scikit-learn's digits).
 
 Both are bijections with exact log-dets, so the density of :math:`y` in its own units is
 :math:`\log p(y) = \log q(u) + \log|\det J_W| + \sum_i \log|s_i'(y_i)|`, where :math:`q` is
-the density of the whitened rows (a Gaussian mixture, or a flow:
-:mod:`pyroflows.density.latent`). A standard normal :math:`q` is the Gaussian fitted to the
-(transformed) data. Training reads each discrete value at fresh noise, whose
+the density of the standardised rows (a Gaussian mixture, or a flow over the rows' Gaussian:
+:mod:`pyroflows.density.latent`). Training reads each discrete value at fresh noise, whose
 expectation bounds :math:`\log P(Y = k)` from below (Theis et al. 2016); scoring
 integrates the density over the value's bin,
 :math:`P(Y = k) = \int_{[0,1)^D} p(k + \epsilon)\, d\epsilon`, by :data:`QUADRATURE`
@@ -35,7 +37,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pyroflows.density.latent import FlowDensity
+from pyroflows.density.mixture import GaussianMixture
 from pyroflows.density.schema import Column
 
 # Dequantisation noise is drawn from [EPS, 1 - EPS] so that a dequantised 0 stays > 0.
@@ -45,8 +47,8 @@ QUADRATURE = 8
 
 
 class TabularDensity(nn.Module):
-    r"""The density of table rows: column transforms, whitening, and the ``density`` of the
-    whitened rows (module doc).
+    r"""The density of table rows: column transforms, standardisation, and the ``density``
+    of the standardised rows (module doc).
 
     ``log_prob(rows)`` takes raw rows (a tensor in the table's column order) and returns
     :math:`\log p(y)` per row in the data's units; in training mode discrete columns are
@@ -82,34 +84,32 @@ class TabularDensity(nn.Module):
         )
         dim = len(columns)
         self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("chol", torch.eye(dim))
-        self.register_buffer("chol_inverse", torch.eye(dim))
+        self.register_buffer("scale", torch.ones(dim))
 
     @torch.no_grad()
-    def set_whitening(self, mean: Tensor, chol: Tensor) -> None:
-        """Whiten by the Gaussian with this mean and lower Cholesky factor of its covariance."""
+    def set_scaling(self, mean: Tensor, scale: Tensor) -> None:
+        r"""Standardise each column as :math:`(x_i - \mu_i) / \sigma_i`."""
         self.mean.copy_(mean)
-        self.chol.copy_(chol)
-        eye = torch.eye(len(chol), dtype=chol.dtype, device=chol.device)
-        self.chol_inverse.copy_(torch.linalg.solve_triangular(chol, eye, upper=False))
+        self.scale.copy_(scale)
 
     @torch.no_grad()
     def initialize(self, rows: Tensor, context: Tensor | None = None) -> None:
-        """Start from the training ``rows`` (and their ``context``): whiten by the Gaussian
-        fitted to them (dequantised at the midpoint) and standardise the contexts.
+        """Start from the training ``rows`` (and their ``context``): standardise them
+        (dequantised at the midpoint, mapped to the real line) and their contexts.
 
         The only data-dependent start of the preprocessing;
         :meth:`~pyroflows.DensityEstimator.fit` calls it.
         """
-        self.set_whitening(*gaussian_moments(self.to_real(self.dequantise(rows, 0.5))[0]))
+        x = self.to_real(self.dequantise(rows, 0.5))[0].double()
+        self.set_scaling(x.mean(0), x.std(0).clamp_min(1e-12))
         if context is not None:
             scale = context.std(0)
             self.set_context_scaling(context.mean(0), torch.where(scale > 0, scale, 1.0))
 
     @torch.no_grad()
     def latent(self, rows: Tensor, noise: Tensor | float = 0.5) -> Tensor:
-        """The whitened rows :math:`u`, discrete columns dequantised with ``noise``."""
-        return self.whiten(self.to_real(self.dequantise(rows, noise))[0])[0]
+        """The standardised rows :math:`u`, discrete columns dequantised with ``noise``."""
+        return self.standardise(self.to_real(self.dequantise(rows, noise))[0])[0]
 
     def with_density(self, density: nn.Module) -> TabularDensity:
         """The same preprocessing (a copy of its buffers) over another latent ``density``."""
@@ -180,10 +180,9 @@ class TabularDensity(nn.Module):
         )
         return torch.where(self.discrete, torch.ceil(y) - 1, y)
 
-    def whiten(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """:math:`L^{-1}(x - \\mu)` and its log|det|."""
-        u = (x - self.mean) @ self.chol_inverse.T
-        return u, -self.chol.diagonal().log().sum().expand(x.shape[:-1])
+    def standardise(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """:math:`(x - \\mu) / \\sigma` and its log|det|."""
+        return (x - self.mean) / self.scale, -self.scale.log().sum().expand(x.shape[:-1])
 
     def log_prob(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         r""":math:`\log p(y)` of raw rows (module doc); for discrete columns, in training
@@ -201,18 +200,18 @@ class TabularDensity(nn.Module):
 
     def _log_density(self, y: Tensor, context: Tensor | None) -> Tensor:
         x, log_det_columns = self.to_real(y)
-        u, log_det_whiten = self.whiten(x)
-        if not isinstance(self.density, FlowDensity):
+        u, log_det_scaling = self.standardise(x)
+        if isinstance(self.density, GaussianMixture):
             context = None  # a mixture is the marginal density: it reads no context
-        return self.density.log_prob(u, context) + log_det_whiten + log_det_columns
+        return self.density.log_prob(u, context) + log_det_scaling + log_det_columns
 
     @torch.no_grad()
     def sample(self, n: int, context: Tensor | None = None) -> Tensor:
         context = self.scaled_context(context)
-        if not isinstance(self.density, FlowDensity):
+        if isinstance(self.density, GaussianMixture):
             context = None
         u = self.density.sample(n, context)
-        x = self.mean + (self.chol @ u.unsqueeze(-1)).squeeze(-1)
+        x = self.mean + self.scale * u
         return self.from_real(x)
 
 
