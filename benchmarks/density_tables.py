@@ -73,8 +73,10 @@ A method that raises is recorded with its error and the run goes on.
 Output: one CSV row per (table, seed, method) in ``--out`` (default
 ``benchmarks/results/density_tables.csv``, rewritten atomically after every table), and
 markdown tables of mean +- std across seeds: the best mean in bold, and marked † the
-others within one seed-std of the best (with 2 seeds or more). The full run (3 seeds, 2
-threads) takes about 1-2 hours, most of it in the flows on the synthetic tables.
+others within one seed-std of the best (with 2 seeds or more). Run time: all methods but
+pyroflows, 3 seeds, ``--threads 1``, took 27 minutes (4 for the five scikit-learn tables,
+23 for the synthetic ones) with another job on the machine's second core; pyroflows adds
+its own fits (1-20 s each in the quick run). ``--quick`` takes a few minutes.
 """
 
 from __future__ import annotations
