@@ -18,12 +18,15 @@ from pyroflows.density.latent import Blend, FlowDensity, blend_weight
 from pyroflows.density.mixture import GaussianMixture
 from pyroflows.density.schema import Column, Schema, check_values, infer_schema
 from pyroflows.density.selection import choose_mixture
-from pyroflows.density.tabular import TabularDensity
+from pyroflows.density.tabular import EPS, TabularDensity
 from pyroflows.density.training import fit_max_likelihood
 from pyroflows.transforms import Flow
 from pyroflows.transforms.registry import build, check_options, list_flows
 
 FORMAT = "pyroflows.DensityEstimator/3"
+#: draws of dequantisation noise the start reads, for a table with discrete columns (fewer
+#: when that would exceed 20,000 rows)
+DRAWS = 4
 #: the families that ``flow="auto"`` trains, keeping the best on the validation rows
 AUTO = ("nsf", "realnvp")
 # The entries of a saved model that load needs, with their types.
@@ -217,10 +220,17 @@ class DensityEstimator:
         context_features = 0 if self.context_columns is None else len(self.context_columns)
         maps = TabularDensity(self.schema.columns, GaussianMixture(1, dim), context_features)
         maps = maps.to(device=device, dtype=dtype)
-        maps.initialize(train, train_context)
+        # Discrete columns are read at uniform noise: the start (standardisation, Gaussian,
+        # mixtures) sees a few draws of it, so that a mixture cannot fit one draw's lumps.
+        copies = max(1, min(DRAWS, 20_000 // len(train))) if maps.has_discrete else 1
+        repeated = train.repeat(copies, 1)
+        repeated_context = None if train_context is None else train_context.repeat(copies, 1)
+        noise = torch.rand_like(repeated).clamp(EPS, 1 - EPS)
+        maps.initialize(repeated, repeated_context, noise)
+        latent = maps.latent(repeated, noise)
         started = time.perf_counter()
         search = choose_mixture(
-            maps, train, valid_rows, valid_context=valid_contexts, progress=self.progress
+            maps, latent, valid_rows, valid_context=valid_contexts, progress=self.progress
         )
         seconds = [0.0, time.perf_counter() - started]
         self.mixtures = pd.DataFrame(
@@ -230,13 +240,14 @@ class DensityEstimator:
         flows = {}  # family: (model, history, validation log-densities)
         for family in families:
             flow = self._build_flow(family).to(device=device, dtype=dtype)
-            flow.initialize(maps.latent(train), maps.scaled_context(train_context))
+            flow.initialize(latent, maps.scaled_context(repeated_context))
             model = maps.with_density(FlowDensity(flow, search.gaussian))
             history = fit_max_likelihood(
                 model,
                 train,
                 valid_rows,
                 progress=self.progress,
+                description=f"fit {family}",
                 train_context=train_context,
                 valid_context=valid_contexts,
                 **self._training_options(len(train)),

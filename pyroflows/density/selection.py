@@ -47,7 +47,7 @@ class MixtureSearch:
 
 def choose_mixture(
     maps: TabularDensity,
-    train: Tensor,
+    latent: Tensor,
     valid: Tensor,
     *,
     valid_context: Tensor | None = None,
@@ -56,11 +56,12 @@ def choose_mixture(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> MixtureSearch:
-    """Fit mixtures to ``maps.latent`` of the ``train`` rows (dequantised with one draw of
-    uniform noise) and choose the best by the validation score of ``maps`` over each.
+    """Fit mixtures to the training rows' ``latent`` values (``maps.latent`` of them,
+    dequantised with one draw of uniform noise) and choose the best by the validation
+    score of ``maps`` over each.
 
     ``maps`` holds the preprocessing (column maps and standardisation, already started on the
-    training rows); ``train`` and ``valid`` are raw rows, and ``valid_context`` the
+    training rows); ``valid`` are raw rows, and ``valid_context`` the
     validation rows' contexts for a conditional ``maps`` (a mixture ignores them: it is the
     marginal density of the rows). ``progress`` shows a bar over the mixtures (its total is
     every mixture the search may fit; one that stops early leaves it short).
@@ -72,14 +73,12 @@ def choose_mixture(
         >>> rows = rows[torch.randperm(600)]
         >>> maps = TabularDensity([Column("x", "float64")], GaussianMixture(1, 1))
         >>> maps.initialize(rows[:450])
-        >>> search = choose_mixture(maps, rows[:450], rows[450:])
+        >>> search = choose_mixture(maps, maps.latent(rows[:450]), rows[450:])
         >>> search.best.components >= 2, search.best_score > search.gaussian_score
         (True, True)
     """
-    gaussian = fitted_gaussian(maps.latent(train))
+    gaussian = fitted_gaussian(latent)
     gaussian_score = _score(maps, gaussian, valid, valid_context)
-    noise = torch.rand(train.shape, generator=generator, dtype=train.dtype).to(train.device)
-    latent = maps.latent(train, noise)
     tried = [(1, "full", 0.0, gaussian_score)]
     found = [(gaussian, 0.0, gaussian_score)]
     largest = min(max_components, len(latent) // 2)

@@ -69,7 +69,7 @@ class TabularDensity(nn.Module):
         self.register_buffer("context_mean", torch.zeros(context_features))
         self.register_buffer("context_scale", torch.ones(context_features))
         kinds = [c.kind for c in columns]
-        self._has_discrete = any(c.discrete for c in columns)
+        self.has_discrete = any(c.discrete for c in columns)
         self.register_buffer("discrete", torch.tensor([c.discrete for c in columns]))
         self.register_buffer("lattice", bin_points(len(columns)), persistent=False)
         self.register_buffer("positive", torch.tensor([k == "positive" for k in kinds]))
@@ -93,14 +93,17 @@ class TabularDensity(nn.Module):
         self.scale.copy_(scale)
 
     @torch.no_grad()
-    def initialize(self, rows: Tensor, context: Tensor | None = None) -> None:
+    def initialize(
+        self, rows: Tensor, context: Tensor | None = None, noise: Tensor | float = 0.5
+    ) -> None:
         """Start from the training ``rows`` (and their ``context``): standardise them
-        (dequantised at the midpoint, mapped to the real line) and their contexts.
+        (discrete columns dequantised with ``noise``, e.g. one draw of the uniform noise
+        that training reads, mapped to the real line) and their contexts.
 
         The only data-dependent start of the preprocessing;
         :meth:`~pyroflows.DensityEstimator.fit` calls it.
         """
-        x = self.to_real(self.dequantise(rows, 0.5))[0].double()
+        x = self.to_real(self.dequantise(rows, noise))[0].double()
         self.set_scaling(x.mean(0), x.std(0).clamp_min(1e-12))
         if context is not None:
             scale = context.std(0)
@@ -136,7 +139,7 @@ class TabularDensity(nn.Module):
 
     def dequantise(self, y: Tensor, noise: Tensor | float) -> Tensor:
         """``y`` with ``noise`` (in ``[0, 1)``) added to its discrete columns."""
-        return torch.where(self.discrete, y + noise, y) if self._has_discrete else y
+        return torch.where(self.discrete, y + noise, y) if self.has_discrete else y
 
     def to_real(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Map each (dequantised) column to the real line; return it with log|det|.
@@ -189,7 +192,7 @@ class TabularDensity(nn.Module):
         mode at fresh uniform noise (the dequantisation bound), otherwise the log of the
         bin's probability, integrated over :func:`bin_points` (:data:`QUADRATURE` points)."""
         context = self.scaled_context(context)
-        if not self._has_discrete:
+        if not self.has_discrete:
             return self._log_density(y, context)
         if self.training:
             noise = torch.rand_like(y).clamp(EPS, 1 - EPS)

@@ -32,6 +32,7 @@ def fit_max_likelihood(
     clip: float = 5.0,
     compile: bool = False,
     progress: bool = True,
+    description: str = "fit",
     train_context: Tensor | None = None,
     valid_context: Tensor | None = None,
 ) -> pd.DataFrame:
@@ -44,7 +45,8 @@ def fit_max_likelihood(
     ``patience // 3`` epochs; training stops after ``patience`` epochs without a new best,
     and the best weights are restored. The starting point is a candidate too, so the result
     never scores worse on ``valid`` than the model it started from. Losses are mean negative
-    log-likelihoods in nats per row. Draws use torch's global generator (seed it for
+    log-likelihoods in nats per row; the progress bar (``progress``) is labelled
+    ``description``. Draws use torch's global generator (seed it for
     reproducibility). Adam runs fused (one kernel for all parameters).
 
     For a conditional model, ``train_context`` and ``valid_context`` hold one context row
@@ -92,7 +94,7 @@ def fit_max_likelihood(
         0,
         [],
     )
-    bar = tqdm(range(epochs), disable=not progress, desc="fit", unit="epoch")
+    bar = tqdm(range(epochs), disable=not progress, desc=description, unit="epoch")
     for epoch in bar:  # epoch 0 is the starting point, scored above
         flow.train()
         total, seen = torch.zeros((), device=train.device, dtype=train.dtype), 0
