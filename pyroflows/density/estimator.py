@@ -25,7 +25,7 @@ from pyroflows.transforms.registry import build, check_options, list_flows
 
 FORMAT = "pyroflows.DensityEstimator/3"
 #: draws of dequantisation noise the start reads, for a table with discrete columns (fewer
-#: when that would exceed 20,000 rows)
+#: where the draws would exceed 100,000 values: the mixture search grows with them)
 DRAWS = 4
 #: the families that ``flow="auto"`` trains, keeping the best on the validation rows
 AUTO = ("nsf", "realnvp")
@@ -222,7 +222,7 @@ class DensityEstimator:
         maps = maps.to(device=device, dtype=dtype)
         # Discrete columns are read at uniform noise: the start (standardisation, Gaussian,
         # mixtures) sees a few draws of it, so that a mixture cannot fit one draw's lumps.
-        copies = max(1, min(DRAWS, 20_000 // len(train))) if maps.has_discrete else 1
+        copies = max(1, min(DRAWS, 100_000 // train.numel())) if maps.has_discrete else 1
         repeated = train.repeat(copies, 1)
         repeated_context = None if train_context is None else train_context.repeat(copies, 1)
         noise = torch.rand_like(repeated).clamp(EPS, 1 - EPS)
