@@ -57,12 +57,12 @@ def choose_mixture(
     progress: bool = False,
 ) -> MixtureSearch:
     """Fit mixtures to the training rows' ``latent`` values (``maps.latent`` of them,
-    dequantised with one draw of uniform noise) and choose the best by the validation
-    score of ``maps`` over each.
+    discrete columns dequantised with draws of uniform noise) and choose the best by the
+    validation score of ``maps`` over each.
 
-    ``maps`` holds the preprocessing (column maps and standardisation, already started on the
-    training rows); ``valid`` are raw rows, and ``valid_context`` the
-    validation rows' contexts for a conditional ``maps`` (a mixture ignores them: it is the
+    ``maps`` holds the preprocessing (column maps and standardisation, already started on
+    the training rows); ``valid`` are raw rows, and ``valid_context`` the validation rows'
+    contexts for a conditional ``maps`` (a mixture ignores them: it is the
     marginal density of the rows). ``progress`` shows a bar over the mixtures (its total is
     every mixture the search may fit; one that stops early leaves it short).
 
