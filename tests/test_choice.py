@@ -124,3 +124,22 @@ def test_samples_never_leave_the_inferred_supports(split, select):
             assert (values >= column.low).all() and (top <= column.high).all(), column
             if not column.discrete:
                 assert (values > column.low).all() and (values < column.high).all(), column
+
+
+def test_on_many_rows_the_mixture_search_runs_on_a_subset_and_refits_the_winner(monkeypatch):
+    from pyroflows.density import selection
+    from pyroflows.density.mixture import GaussianMixture
+    from pyroflows.density.schema import Column
+    from pyroflows.density.tabular import TabularDensity
+
+    monkeypatch.setattr(selection, "SEARCH_ROWS", 300)
+    torch.manual_seed(0)
+    rows = torch.cat([torch.randn(600, 1) - 4, torch.randn(600, 1) + 4])[torch.randperm(1200)]
+    maps = TabularDensity([Column("x", "float64")], GaussianMixture(1, 1))
+    maps.initialize(rows[:1000])
+    search = selection.choose_mixture(maps, maps.latent(rows[:1000]), rows[1000:])
+    *searched, refit = search.tried
+    winner = max(searched, key=lambda entry: entry[-1])
+    assert refit[:3] == winner[:3]  # the winner's components, covariance and ridge, refitted
+    assert search.best_score == max(entry[-1] for entry in search.tried)
+    assert search.best.components >= 2
