@@ -31,8 +31,9 @@ RESTARTS = 3
 #: components and covariance types, the others then tried on the winner
 RIDGES = (1e-3, 1e-4, 1e-2, 3e-2, 1e-1)
 #: the search fits its mixtures to at most this many rows (a random subset), and refits the
-#: winner to all of them: EM on 80,000 rows costs about 16 s a start on 2 cores
-SEARCH_ROWS = 5_000
+#: winner to all of them: EM on 80,000 rows costs about 16 s a start on 2 cores (5,000 rows
+#: cost the 8-D mixture benchmark KL 0.018 against 0.011 from all its 12,800)
+SEARCH_ROWS = 15_000
 
 
 @dataclass
