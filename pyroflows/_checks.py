@@ -25,6 +25,15 @@ def check_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_non_negative_float(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a finite real number >= 0, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number >= 0, got {value!r}")
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_widths(name: str, value: Any) -> tuple[int, ...]:
     """Return ``value`` as a tuple of positive layer widths, e.g. ``(64, 64)``."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):

@@ -301,6 +301,8 @@ def test_columns_must_match_at_scoring_time():
         ({"bins": 8, "flow": "linear"}, ValueError, "'linear' has no option 'bins'"),
         ({"validation": 1.5}, ValueError, r"validation must be a fraction in \(0, 1\)"),
         ({"epochs": 0}, ValueError, "epochs must be a positive integer"),
+        ({"tolerance": -1e-3}, ValueError, "tolerance must be a finite number >= 0"),
+        ({"tolerance": "small"}, TypeError, "tolerance must be a number >= 0"),
     ],
 )
 def test_bad_options_are_refused(kwargs, error, message):
@@ -331,7 +333,7 @@ def test_unfitted_and_unreadable_models_say_so(tmp_path):
     with pytest.raises(ValueError, match="is not a pyroflows model file"):
         DensityEstimator.load(tmp_path / "junk.pt")
     torch.save({"format": "something else"}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"is not a pyroflows\.DensityEstimator/3 file"):
+    with pytest.raises(ValueError, match=r"is not a pyroflows\.DensityEstimator/4 file"):
         DensityEstimator.load(tmp_path / "other.pt")
 
 
@@ -437,11 +439,33 @@ def test_patience_stops_training_that_many_epochs_after_the_best():
         "support": TINY_SUPPORT,
     }
     assert len(DensityEstimator(patience=60, **options).fit(TINY)) == 60  # every epoch
-    history = DensityEstimator(patience=5, **options).fit(TINY)
+    history = DensityEstimator(patience=5, tolerance=0.0, **options).fit(TINY)
     gaussian = tiny_gaussian_valid_loss(~tiny_training_rows(seed=0, validation=0.25))
     losses = history["valid_loss"]
     best = int(history["epoch"][losses.idxmin()]) if losses.min() < gaussian else 0
     assert len(history) == best + 5
+
+
+def test_only_gains_above_the_tolerance_reset_the_patience():
+    frame = banana(1000)
+    options = {"flow": "realnvp", "seed": 0, "progress": False, "dtype": torch.float64}
+    options |= {"batch_size": 100, "patience": 4, "epochs": 400}
+    # the start's validation loss: one epoch at a learning rate too small to move anything
+    start = DensityEstimator(lr=1e-12, **options).fit(frame)["valid_loss"].iloc[0]
+    lengths = []
+    for tolerance in (0.002, 0.05):
+        model = DensityEstimator(tolerance=tolerance, **options)
+        history = model.fit(frame)
+        mark, last = start, 0  # the last epoch that gained more than the tolerance
+        for epoch, loss in zip(history["epoch"], history["valid_loss"]):
+            if loss < mark - tolerance:
+                mark, last = loss, epoch
+        assert len(history) == last + 4 < 400
+        # the best weights by any margin are kept: the flow scores the least loss seen
+        best = min(start, history["valid_loss"].min())
+        assert model.report.loc["flow", "valid_nats"] == pytest.approx(-best, abs=1e-9)
+        lengths.append(len(history))
+    assert lengths[1] < lengths[0]
 
 
 def test_batch_size_sets_the_steps_per_epoch():
@@ -542,3 +566,41 @@ def test_probabilities_of_a_boolean_column_sum_to_one():
     assert abs(probabilities.sum() - 1) < 0.05
     frequency = model.sample(4000)["flag"].mean()  # sampling and scoring agree
     assert abs(probabilities[1] - frequency) < 0.03
+
+
+@pytest.mark.parametrize("frequency", [0.02, 0.3, 0.8])
+def test_a_lone_boolean_column_samples_its_frequency(frequency):
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({"flag": rng.random(1000) < frequency})
+    model = DensityEstimator(**FAST)
+    model.fit(frame)
+    observed = frame["flag"].mean()
+    # within the noise of the data's own frequency (two standard errors) and of the draws
+    spread = np.sqrt(observed * (1 - observed))
+    tolerance = 2 * spread / np.sqrt(len(frame)) + 3 * spread / np.sqrt(20_000)
+    assert abs(model.sample(20_000)["flag"].mean() - observed) < tolerance
+    true_probability = np.exp(model.log_prob(pd.DataFrame({"flag": [True]})).iloc[0])
+    assert abs(true_probability - observed) < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("false_share", [1e-4, 0.3, 0.999])
+def test_a_booleans_split_is_a_bijection_with_the_autograd_log_derivative(false_share, dtype):
+    from pyroflows.density.tabular import split_boolean, unsplit_boolean
+
+    eps = 1e-6  # the dequantisation noise's margin: y lies in [eps, 1 - eps] + {0, 1}
+    y = torch.tensor([eps, 0.3, 1 - eps, 1 + eps, 1.7, 2 - eps], dtype=dtype)
+    share = torch.tensor(false_share, dtype=dtype)
+    y.requires_grad_()
+    x, log_det = split_boolean(y, share)
+    (derivative,) = torch.autograd.grad(x.sum(), y)
+    x, log_det, y = x.detach(), log_det.detach(), y.detach()
+    assert torch.isfinite(x).all() and torch.isfinite(log_det).all()
+    assert (x.diff() > 0).all()  # increasing
+    torch.testing.assert_close(log_det, derivative.log(), rtol=1e-4, atol=1e-4)
+    # standard normal marginal: the share of False rows lands below the split point
+    torch.testing.assert_close(torch.special.ndtr(x[2]), share, rtol=1e-4, atol=1e-6)
+    back = unsplit_boolean(x, share)
+    tolerance = 5e-4 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(back, y, rtol=0, atol=tolerance)
+    assert (torch.ceil(back[[1, 4]]) - 1).tolist() == [0, 1]  # False, True

@@ -167,6 +167,36 @@ def test_restarts_keep_the_best_start():
     assert best.log_prob(train).mean().item() == pytest.approx(max(scores), abs=1e-12)
 
 
+@pytest.mark.parametrize("covariance", COVARIANCES)
+def test_em_from_a_start_climbs_from_it_and_stops_at_its_fixed_point(covariance):
+    train, _ = five_dimensional_data()
+    subset = fit_gaussian_mixture(train[:300], 3, covariance, generator=torch.Generator())
+    refit = fit_gaussian_mixture(train, 3, covariance, start=subset)
+    # EM never lowers the training likelihood of its start
+    assert refit.log_prob(train).mean() >= subset.log_prob(train).mean()
+    # and the start is a fixed point of a converged fit: one more run hardly moves it
+    again = fit_gaussian_mixture(train, 3, covariance, start=refit)
+    torch.testing.assert_close(again.loc, refit.loc, atol=5e-3, rtol=0)
+    stopped = fit_gaussian_mixture(train, 3, covariance, start=subset, iterations=1)
+    assert subset.log_prob(train).mean() <= stopped.log_prob(train).mean()  # one EM step
+    assert stopped.log_prob(train).mean() < refit.log_prob(train).mean()
+
+
+@pytest.mark.parametrize(
+    ("start", "message"),
+    [
+        (GaussianMixture(2, 2), "start has 2 components"),
+        (GaussianMixture(3, 4), "of dim 4"),
+        (GaussianMixture(3, 2, "diag"), "'diag' covariance"),
+        (torch.zeros(3), "start must be a GaussianMixture"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_a_start_that_does_not_fit_the_fit_is_refused(start, message):
+    with pytest.raises(ValueError, match=message):
+        fit_gaussian_mixture(X, 3, "full", start=start)
+
+
 def test_the_same_generator_state_gives_the_same_fit():
     train, _ = five_dimensional_data()
     first, second = (

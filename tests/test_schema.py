@@ -105,7 +105,6 @@ def test_without_auto_support_booleans_stay_in_0_2():
         ([0.1, 0.2, 0.5, 0.9], "positive", "positive", -INF, INF),
         ([0, 3, 1, 7], "real", "real", -INF, INF),
         ([0, 3, 1, 7], (0, 8), "interval", 0.0, 8.0),  # 7 + u < 8
-        ([True, False, True, True], "real", "real", -INF, INF),
     ],
 )
 def test_a_declared_support_wins(values, declared, kind, low, high):
@@ -129,6 +128,7 @@ def test_a_declared_support_wins(values, declared, kind, low, high):
         ([0, 3, 1, 7], (0, 7.5), r"span \[0.0, 7.0\] \(dequantised up to max \+ 1\)"),
         ([0.1, 0.2, 0.5, 0.9], (1, 1), r"support of column 'y' must be \(low, high\) with low"),
         ([0.1, 0.2, 0.5, 0.9], "bounded", "must be 'real', 'positive' or a \\(low, high\\) pair"),
+        ([True, False, True, True], "real", "column 'y' is boolean: its values are False and"),
     ],
 )
 def test_a_declared_support_the_values_leave_is_refused(values, declared, message):

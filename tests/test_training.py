@@ -60,6 +60,7 @@ def test_early_stopping_restores_the_best_epoch(device):
         ("batch_size", 1.5, "batch_size must be a positive integer"),
         ("lr", -1.0, "lr must be a finite positive number"),
         ("clip", float("inf"), "clip must be a finite positive number"),
+        ("tolerance", float("nan"), "tolerance must be a finite number >= 0"),
     ],
 )
 def test_bad_options_are_named(option, value, message):

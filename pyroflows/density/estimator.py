@@ -12,7 +12,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from pyroflows._checks import check_positive_float, check_positive_int
+from pyroflows._checks import (
+    check_non_negative_float,
+    check_positive_float,
+    check_positive_int,
+)
 from pyroflows._io import write_atomically
 from pyroflows.density.latent import Blend, FlowDensity, blend_weight
 from pyroflows.density.mixture import GaussianMixture
@@ -23,7 +27,7 @@ from pyroflows.density.training import fit_max_likelihood
 from pyroflows.transforms import Flow
 from pyroflows.transforms.registry import build, check_options, list_flows
 
-FORMAT = "pyroflows.DensityEstimator/3"
+FORMAT = "pyroflows.DensityEstimator/4"
 #: draws of dequantisation noise the start reads, for a table with discrete columns (fewer
 #: where the draws would exceed 100,000 values: the mixture search grows with them)
 DRAWS = 4
@@ -122,6 +126,7 @@ class DensityEstimator:
         batch_size: int | None = None,
         lr: float = 1e-3,
         patience: int = 30,
+        tolerance: float = 1e-3,
         clip: float = 5.0,
         validation: float = 0.2,
         select: bool = True,
@@ -145,6 +150,7 @@ class DensityEstimator:
             else check_positive_int("batch_size", batch_size),
             "lr": check_positive_float("lr", lr),
             "patience": check_positive_int("patience", patience),
+            "tolerance": check_non_negative_float("tolerance", tolerance),
             "clip": check_positive_float("clip", clip),
             "validation": _fraction(validation),
             "select": bool(select),

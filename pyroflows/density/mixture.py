@@ -246,17 +246,14 @@ def _m_step(x: Tensor, resp: Tensor, ridge: float, diag: bool) -> tuple[Tensor, 
 
 def _em(
     x: Tensor,
-    components: int,
+    params: tuple[Tensor, Tensor, Tensor],
     diag: bool,
     iterations: int,
     tolerance: float,
     ridge: float,
-    generator: torch.Generator | None,
 ) -> tuple[float, tuple[Tensor, Tensor, Tensor]]:
-    """One EM run from one k-means++ start: (mean training log-likelihood, parameters)."""
-    labels = _kmeans(x, components, generator)
-    resp = torch.nn.functional.one_hot(labels, components).to(x.dtype)
-    params = _m_step(x, resp, ridge, diag)
+    """One EM run from ``params`` (log-weights, means, factors): (mean training
+    log-likelihood, parameters)."""
     previous, score, reseeded = -math.inf, None, False
     for _ in range(iterations):
         log_joint = _component_log_prob(x, *params)
@@ -278,6 +275,36 @@ def _em(
     return score, params
 
 
+def _kmeans_start(
+    x: Tensor, components: int, ridge: float, diag: bool, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The parameters of one M-step from the one-hot assignments of :func:`_kmeans`."""
+    labels = _kmeans(x, components, generator)
+    return _m_step(x, torch.nn.functional.one_hot(labels, components).to(x.dtype), ridge, diag)
+
+
+def _start_from(
+    mixture: GaussianMixture, components: int, covariance: str, x: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``mixture``'s parameters in float64 on ``x``'s device, checked against the fit's."""
+    if not isinstance(mixture, GaussianMixture):
+        raise ValueError(f"start must be a GaussianMixture, got {type(mixture).__name__}")
+    if (mixture.components, mixture.dim, mixture.covariance) != (
+        components,
+        x.shape[1],
+        covariance,
+    ):
+        raise ValueError(
+            f"start has {mixture.components} components of dim {mixture.dim} with "
+            f"{mixture.covariance!r} covariance; the fit asks for {components} of dim "
+            f"{x.shape[1]} with {covariance!r}"
+        )
+    scale = mixture.scale_tril.to(x)
+    if covariance == "diag":
+        scale = scale.diagonal(dim1=-2, dim2=-1)
+    return torch.log_softmax(mixture.logits.to(x), -1), mixture.loc.to(x), scale
+
+
 def fit_gaussian_mixture(
     x: Tensor,
     components: int,
@@ -288,6 +315,7 @@ def fit_gaussian_mixture(
     ridge: float = 1e-3,
     restarts: int = 1,
     generator: torch.Generator | None = None,
+    start: GaussianMixture | None = None,
 ) -> GaussianMixture:
     r"""The :class:`GaussianMixture` fitted to the rows of ``x`` ``(N, D)`` by EM.
 
@@ -323,7 +351,9 @@ def fit_gaussian_mixture(
     i.e. its mean at that row, covariance :math:`\lambda I`, weight :math:`1/N`.
 
     **Restarts.** EM runs from ``restarts`` k-means++ starts; the fit with the best mean
-    training log-likelihood is kept.
+    training log-likelihood is kept. ``start`` (a mixture with ``components`` components
+    and this ``covariance``, e.g. one fitted to a subset of the rows) replaces them: one EM
+    run from its parameters, which converges in a few iterations where the start is good.
 
     References:
         | Maximum Likelihood from Incomplete Data via the EM Algorithm
@@ -367,10 +397,11 @@ def fit_gaussian_mixture(
 
     data = x.detach().to(torch.float64)
     diag = covariance == "diag"
-    fits = (
-        _em(data, components, diag, iterations, tolerance, ridge, generator)
-        for _ in range(restarts)
-    )
+    if start is None:
+        starts = (_kmeans_start(data, components, ridge, diag, generator) for _ in range(restarts))
+    else:
+        starts = [_start_from(start, components, covariance, data)]
+    fits = (_em(data, params, diag, iterations, tolerance, ridge) for params in starts)
     _, (log_weights, loc, scale) = max(fits, key=lambda fit: fit[0])
     if diag:
         scale = torch.diag_embed(scale)

@@ -29,8 +29,8 @@ when it rounds to 1 in float32: rows are held in float32 by default, where
 :math:`1 - 10^{-9}` *is* 1 and the logit of it infinite. With ``auto_support=False`` every
 undeclared column is real except booleans, which stay in :math:`(0, 2)`. A declared support
 (``"real"``, ``"positive"`` or a ``(low, high)`` pair) wins, and is checked against the
-values. Each :class:`Column` says in ``reason`` why it got its support;
-:meth:`Schema.table` lists them all (the fit report shows it).
+values; a boolean's cannot be declared. Each :class:`Column` says in ``reason`` why it got
+its support; :meth:`Schema.table` lists them all (the fit report shows it).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def infer_schema(
         income: positive (float, every value > 0)
         score: (-10, 10) (declared)
         visits: positive (integer, every value >= 0: dequantised above 0)
-        member: (0, 2) (boolean: 0 or 1, dequantised into (0, 2))
+        member: (0, 2) (boolean: 0 or 1, dequantised into (0, 2), split by its frequency)
     """
     support = dict(support or {})
     unknown = [key for key in support if key not in frame.columns]
@@ -176,11 +176,16 @@ def infer_schema(
             )
         column = Column(name=name, dtype=str(values.dtype), discrete=discrete)
         declared = support.get(name)
-        if declared is not None:
-            _declare(column, declared, numbers)
-        elif is_bool:
+        if is_bool:
+            if declared is not None:
+                raise ValueError(
+                    f"column {name!r} is boolean: its values are False and True, and its "
+                    f"support cannot be declared (got {declared!r}); drop it from support"
+                )
             column.kind, column.low, column.high = "interval", 0.0, 2.0
-            column.reason = "boolean: 0 or 1, dequantised into (0, 2)"
+            column.reason = "boolean: 0 or 1, dequantised into (0, 2), split by its frequency"
+        elif declared is not None:
+            _declare(column, declared, numbers)
         elif not auto_support:
             column.reason = "auto_support=False"
         elif discrete:

@@ -5,7 +5,9 @@ A table's row :math:`y` is mapped to :math:`u = W(s(y))` with
 * :math:`s`, column by column: integer and boolean columns are dequantised (the row's value
   :math:`k` becomes :math:`k + \epsilon`, :math:`\epsilon \sim U(0, 1)`); positive columns
   go through :math:`\log`; columns bounded in :math:`(a, b)` through
-  :math:`\mathrm{logit}((y - a) / (b - a))`; real columns stay as they are;
+  :math:`\mathrm{logit}((y - a) / (b - a))`; boolean columns, dequantised into
+  :math:`(0, 2)`, through their frequency split (:func:`split_boolean`), so that a
+  Gaussian start has their frequency exactly; real columns stay as they are;
 * :math:`W`, a standardisation by the training rows' means and standard deviations:
   :math:`W(x)_i = (x_i - \mu_i) / \sigma_i`. Only scaled, not decorrelated: each column
   keeps its own axis, where dequantisation and bounds leave sharp, axis-aligned edges
@@ -74,6 +76,12 @@ class TabularDensity(nn.Module):
         self.register_buffer("lattice", bin_points(len(columns)), persistent=False)
         self.register_buffer("positive", torch.tensor([k == "positive" for k in kinds]))
         self.register_buffer("interval", torch.tensor([k == "interval" for k in kinds]))
+        # booleans are intervals (0, 2) (the schema's rule), split by their frequency
+        self.register_buffer(
+            "boolean", torch.tensor([c.dtype.startswith("bool") for c in columns])
+        )
+        #: each boolean column's share of False rows (its split of (0, 2); 1/2 elsewhere)
+        self.register_buffer("false_share", torch.full((len(columns),), 0.5))
         self.register_buffer(
             "low",
             torch.tensor([c.low if k == "interval" else 0.0 for c, k in zip(columns, kinds)]),
@@ -100,9 +108,15 @@ class TabularDensity(nn.Module):
         (discrete columns dequantised with ``noise``, e.g. one draw of the uniform noise
         that training reads, mapped to the real line) and their contexts.
 
+        Each boolean column's share of False rows is counted first, smoothed as
+        :math:`(n_0 + 1/2) / (n + 1)` (never 0 or 1).
+
         The only data-dependent start of the preprocessing;
         :meth:`~pyroflows.DensityEstimator.fit` calls it.
         """
+        false = (rows < 0.5).double().sum(0)
+        share = (false + 0.5) / (len(rows) + 1)
+        self.false_share.copy_(torch.where(self.boolean, share.to(self.false_share), 0.5))
         x = self.to_real(self.dequantise(rows, noise))[0].double()
         self.set_scaling(x.mean(0), x.std(0).clamp_min(1e-12))
         if context is not None:
@@ -155,6 +169,8 @@ class TabularDensity(nn.Module):
         unit = torch.where(
             self.interval & ~outside, (y - self.low) / width, torch.full_like(y, 0.5)
         )
+        flag = torch.where(self.boolean & ~outside, y, torch.ones_like(y))
+        split, split_log_det = split_boolean(flag, self.false_share)
         x = torch.where(self.positive, log_y, torch.where(self.interval, torch.logit(unit), y))
         log_det = torch.where(
             self.positive,
@@ -163,6 +179,8 @@ class TabularDensity(nn.Module):
                 self.interval, -(unit * (1 - unit)).log() - width.log(), torch.zeros_like(y)
             ),
         )
+        x = torch.where(self.boolean, split, x)
+        log_det = torch.where(self.boolean, split_log_det, log_det)
         log_det = torch.where(outside.any(-1), -math.inf, log_det.sum(-1))
         return x, log_det
 
@@ -176,6 +194,7 @@ class TabularDensity(nn.Module):
         inner_low = torch.nextafter(self.low, self.high)
         inner_high = torch.nextafter(self.high, self.low)
         between = self.low + (self.high - self.low) * torch.sigmoid(x)
+        between = torch.where(self.boolean, unsplit_boolean(x, self.false_share), between)
         y = torch.where(
             self.positive,
             x.exp().clamp_min(tiny),
@@ -216,6 +235,52 @@ class TabularDensity(nn.Module):
         u = self.density.sample(n, context)
         x = self.mean + self.scale * u
         return self.from_real(x)
+
+
+def split_boolean(y: Tensor, false_share: Tensor) -> tuple[Tensor, Tensor]:
+    r"""A dequantised boolean :math:`y \in (0, 2)` to the real line, and the log-derivative.
+
+    With :math:`s` the share of False rows, :math:`(0, 1)` (False) goes linearly onto
+    :math:`(0, s)` and :math:`(1, 2)` (True) onto :math:`(s, 1)`, then through the standard
+    normal quantile :math:`\Phi^{-1}`:
+
+    .. math:: x = \Phi^{-1}(s\, y) \text{ for } y \le 1, \qquad
+              x = -\Phi^{-1}((1 - s)(2 - y)) \text{ for } y > 1,
+
+    with :math:`\log \frac{dx}{dy} = \log s - \log\varphi(x)` (or :math:`\log(1 - s)`).
+    Under uniform dequantisation noise a boolean with frequency :math:`1 - s` of True is then
+    exactly standard normal, so every Gaussian and mixture start samples True at its
+    frequency (a plain logit of :math:`y / 2` gives a two-humped, skewed latent whose Gaussian
+    put 0.37 of its mass on True for a frequency of 0.3). Each branch reads the end nearest
+    to it, so neither rounds to :math:`\Phi^{-1}(1) = \infty` in float32.
+
+    Example:
+        >>> x, log_det = split_boolean(torch.tensor([0.5, 1.5]), torch.tensor(0.7))
+        >>> x  # the standard normal's quantiles at 0.35 and 0.85
+        tensor([-0.3853,  1.0364])
+    """
+    low = y <= 1
+    tail = torch.where(low, y * false_share, (2 - y) * (1 - false_share))
+    quantile = torch.special.ndtri(tail)
+    x = torch.where(low, quantile, -quantile)
+    slope = torch.where(low, false_share, 1 - false_share).log()
+    return x, slope + 0.5 * x.square() + 0.5 * math.log(2 * math.pi)
+
+
+def unsplit_boolean(x: Tensor, false_share: Tensor) -> Tensor:
+    """The inverse of :func:`split_boolean`: a value in :math:`[0, 2]` (each branch from its
+    own tail, as there).
+
+    Example:
+        >>> unsplit_boolean(torch.tensor([-0.3853, 1.0364]), torch.tensor(0.7)).round(decimals=3)
+        tensor([0.5000, 1.5000])
+    """
+    low = x <= torch.special.ndtri(false_share)
+    return torch.where(
+        low,
+        torch.special.ndtr(x) / false_share,
+        2 - torch.special.ndtr(-x) / (1 - false_share),
+    )
 
 
 def bin_points(dim: int, points: int = QUADRATURE) -> Tensor:
