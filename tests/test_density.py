@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import pyroflows
 from pyroflows import DensityEstimator, build, list_flows
 
 FAST = {"epochs": 15, "progress": False, "seed": 0}
+FAST_ONE = {"progress": False, "seed": 0}
 ONE_PASS = [n for n in list_flows() if build(n, 2).inverse_method == "analytic"]
 NOT_ONE_PASS = [n for n in list_flows() if n not in ONE_PASS]
 
@@ -604,3 +606,31 @@ def test_a_booleans_split_is_a_bijection_with_the_autograd_log_derivative(false_
     tolerance = 5e-4 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(back, y, rtol=0, atol=tolerance)
     assert (torch.ceil(back[[1, 4]]) - 1).tolist() == [0, 1]  # False, True
+
+
+def test_on_many_rows_the_families_race_and_only_the_leader_trains_on(monkeypatch):
+    from pyroflows.density import estimator
+
+    monkeypatch.setattr(estimator, "RACE_ROWS", 500)
+    monkeypatch.setattr(estimator, "RACE_EPOCHS", 3)
+    model = DensityEstimator(epochs=20, patience=5, layers=2, hidden=(16, 16), **FAST_ONE)
+    history = model.fit(banana(1000))  # 800 training rows: a race
+    details = model.report.loc["flow", "details"]
+    losers = [family for family in estimator.AUTO if family != model.flow_family]
+    for family in losers:
+        assert f"{family} " in details and "(3 epochs, raced)" in details.split(family)[1]
+    assert len(history) > 3 and history["epoch"].tolist() == list(range(1, len(history) + 1))
+    assert f"({len(history)} epochs)" in details.split(model.flow_family)[1]
+    # the leader is the family that scored best after the race's epochs
+    scores = dict(re.findall(r"(\w+) (-?[\d.]+) \(3 epochs, raced\)", details))
+    assert set(scores) == set(losers)
+    leader_after_race = -history["valid_loss"].iloc[:3].min()
+    assert all(leader_after_race >= float(score) - 1e-3 for score in scores.values())
+
+
+def test_below_the_race_rows_every_family_trains_to_the_end():
+    model = DensityEstimator(epochs=4, patience=50, layers=2, hidden=(16, 16), **FAST_ONE)
+    model.fit(banana(300))
+    details = model.report.loc["flow", "details"]
+    assert "raced" not in details
+    assert details.count("(4 epochs)") == 3

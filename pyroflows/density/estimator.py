@@ -32,7 +32,11 @@ FORMAT = "pyroflows.DensityEstimator/4"
 #: where the draws would exceed 100,000 values: the mixture search grows with them)
 DRAWS = 4
 #: the families that ``flow="auto"`` trains, keeping the best on the validation rows
-AUTO = ("nsf", "realnvp")
+AUTO = ("nsf", "realnvp", "maf")
+#: on more training rows than this, the families race: each trains ``RACE_EPOCHS`` epochs,
+#: and only the leader on the validation rows trains on
+RACE_ROWS = 16_384
+RACE_EPOCHS = 10
 # The entries of a saved model that load needs, with their types.
 ENTRIES = {
     "flow": str,
@@ -70,7 +74,8 @@ class DensityEstimator:
     the validation rows) over the Gaussian and guarded in the tails
     (:mod:`pyroflows.density.latent`), trained from the identity by minibatch Adam with a
     learning rate that halves on plateaus, gradient clipping, early stopping on the
-    validation rows and the best weights restored
+    validation rows (``patience`` epochs without a gain of more than ``tolerance`` nats per
+    row) and the best weights restored
     (:func:`~pyroflows.density.training.fit_max_likelihood`), and a blend of the flow and
     the mixture (:class:`~pyroflows.density.latent.Blend`). So the fitted model never
     scores worse than the Gaussian or the mixture on the validation rows; ``select=False``
@@ -243,22 +248,12 @@ class DensityEstimator:
             search.tried, columns=["components", "covariance", "ridge", "valid"]
         )
         started = time.perf_counter()
-        flows = {}  # family: (model, history, validation log-densities)
+        models = {}
         for family in families:
             flow = self._build_flow(family).to(device=device, dtype=dtype)
             flow.initialize(latent, maps.scaled_context(repeated_context))
-            model = maps.with_density(FlowDensity(flow, search.gaussian))
-            history = fit_max_likelihood(
-                model,
-                train,
-                valid_rows,
-                progress=self.progress,
-                description=f"fit {family}",
-                train_context=train_context,
-                valid_context=valid_contexts,
-                **self._training_options(len(train)),
-            )
-            flows[family] = model, history, _log_probs(model, valid_rows, valid_contexts)
+            models[family] = maps.with_density(FlowDensity(flow, search.gaussian))
+        flows, raced = self._train_flows(models, train, valid_rows, train_context, valid_contexts)
         seconds.append(time.perf_counter() - started)
         self.flow_family = max(flows, key=lambda family: _mean(flows[family][2]))
         model, self.history, flow_rows = flows[self.flow_family]
@@ -284,7 +279,8 @@ class DensityEstimator:
                     f"{best.components} components, {best.covariance} covariance, "
                     f"ridge {search.best_ridge:g}",
                     ", ".join(
-                        f"{family} {_mean(rows):.3f} ({len(history)} epochs)"
+                        f"{family} {_mean(rows):.3f} ({len(history)} epochs"
+                        f"{', raced' if family in raced else ''})"
                         for family, (_, history, rows) in flows.items()
                     )
                     + f": {self.flow_family}",
@@ -328,6 +324,52 @@ class DensityEstimator:
                     contexts[order[:n_valid]],
                 )
         return train, valid_rows, train_context, valid_contexts
+
+    def _train_flows(
+        self,
+        models: dict[str, TabularDensity],
+        train: Tensor,
+        valid: Tensor,
+        train_context: Tensor | None,
+        valid_context: Tensor | None,
+    ) -> tuple[dict[str, tuple[TabularDensity, pd.DataFrame, Tensor]], set[str]]:
+        """Train each family's model; return ``{family: (model, history, validation
+        log-densities)}`` and the families the race stopped.
+
+        On more than :data:`RACE_ROWS` training rows several families race: each trains
+        :data:`RACE_EPOCHS` epochs, and only the one that scores best on the validation rows
+        trains on (from its best weights, with a fresh optimiser) until it stops.
+        """
+        options = self._training_options(len(train))
+        race = len(models) > 1 and len(train) > RACE_ROWS and options["epochs"] > RACE_EPOCHS
+
+        def train_for(family: str, epochs: int, done: int = 0) -> pd.DataFrame:
+            history = fit_max_likelihood(
+                models[family],
+                train,
+                valid,
+                progress=self.progress,
+                description=f"fit {family}" + (" (race)" if race and not done else ""),
+                train_context=train_context,
+                valid_context=valid_context,
+                **{**options, "epochs": epochs},
+            )
+            return history.assign(epoch=history["epoch"] + done)
+
+        histories = {
+            family: train_for(family, RACE_EPOCHS if race else options["epochs"])
+            for family in models
+        }
+        scores = {family: _log_probs(models[family], valid, valid_context) for family in models}
+        raced = set()
+        if race:
+            leader = max(scores, key=lambda family: _mean(scores[family]))
+            rest = train_for(leader, options["epochs"] - RACE_EPOCHS, RACE_EPOCHS)
+            histories[leader] = pd.concat([histories[leader], rest], ignore_index=True)
+            scores[leader] = _log_probs(models[leader], valid, valid_context)
+            raced = set(models) - {leader}
+        flows = {family: (models[family], histories[family], scores[family]) for family in models}
+        return flows, raced
 
     def _build_flow(self, family: str) -> Flow:
         options = dict(self.options)

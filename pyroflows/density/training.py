@@ -46,12 +46,13 @@ def fit_max_likelihood(
     ``model`` is a :class:`~pyroflows.FlowDistribution` (its flow is trained) or a module
     with a ``log_prob`` method (all its parameters are trained). Each epoch shuffles
     ``train`` into minibatches of ``batch_size`` rows, clips the gradient norm to ``clip``,
-    and then scores ``valid``. An epoch *improves* when its validation loss is below the
-    best so far by more than ``tolerance`` nats per row. The learning rate halves after
-    ``patience // 3`` epochs without improving; training stops after ``patience`` of them,
-    and the best weights seen (by any margin) are restored. The tolerance ends the long tail
-    of ever smaller gains at an ever smaller learning rate: on a 100,000-row table it cut
-    a third of the epochs for 0.001 nats per row. The starting point is a candidate too, so
+    and then scores ``valid``. The learning rate halves when the validation loss stalls for
+    ``patience // 3`` epochs (torch's ``ReduceLROnPlateau``). Training stops after
+    ``patience`` epochs without *progress*, a validation loss below the last progress by
+    more than ``tolerance`` nats per row, and the best weights seen (by any margin) are
+    restored. The tolerance ends the long tail of ever smaller gains at an ever smaller
+    learning rate: on a 100,000-row table it cut a third of the epochs for 0.001 nats per
+    row. The starting point is a candidate too, so
     the result never scores worse on ``valid`` than the model it started from. Losses are
     mean negative log-likelihoods in nats per row; the progress bar (``progress``) is
     labelled ``description``. Draws use torch's global generator (seed it for
@@ -95,11 +96,7 @@ def fit_max_likelihood(
     step_loss = torch.compile(batch_loss) if compile else batch_loss
     full_batches_only = compile and len(train) >= batch_size
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimiser,
-        factor=0.5,
-        patience=max(1, patience // 3),
-        threshold=tolerance,
-        threshold_mode="abs",
+        optimiser, factor=0.5, patience=max(1, patience // 3)
     )
     best = mark = evaluate(model, valid, batch_size, valid_context)  # mark: the last improvement
     best_state, stale, rows = copy.deepcopy(flow.state_dict()), 0, []
