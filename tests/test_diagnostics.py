@@ -95,3 +95,39 @@ def test_inference_data_holds_every_site_by_name_and_shape(device):
     assert (data.posterior["scale"] > 0).all()
     summary = az.summary(data, var_names=["scale", "weights"], kind="stats")
     assert list(summary.index) == ["scale", "weights[0]", "weights[1]", "weights[2]"]
+
+
+def test_importance_resampling_moves_a_biased_guess_to_the_posterior():
+    # q: too narrow and off-centre; p: N(0, 1) per coordinate. k-hat is moderate, and the
+    # PSIS mean and the resampled spread must land near p's, far nearer than q's own.
+    q = dist.Normal(torch.full((3,), 0.4), 0.8).to_event(1)
+    p = dist.Normal(torch.zeros(3), 1.0).to_event(1)
+    torch.manual_seed(0)
+    fixed = diagnostics.importance_resample(q, p.log_prob, num_samples=20_000)
+    assert fixed.k_hat < 0.7
+    assert fixed.mean()["z"].abs().max() < 0.1  # q's mean is 0.4 off (k-hat 0.4 to 0.6)
+    spread = fixed.draws["z"].std(0)
+    assert (spread - 1).abs().max() < 0.1  # q's spread is 0.8 (PSIS trims the far tail)
+    assert fixed.weights.sum().item() == pytest.approx(1.0)
+    assert fixed.draws["z"].shape == (20_000, 3)
+
+
+def test_importance_resampling_of_a_guide_keeps_every_site(device):
+    def model():
+        loc = pyro.sample("loc", dist.Normal(torch.zeros((), device=device), 1.0))
+        pyro.deterministic("twice", 2 * loc)
+        pyro.sample("obs", dist.Normal(loc, 0.5), obs=torch.tensor(1.0, device=device))
+
+    guide = AutoFlow(model, "planar", start=None, init_scale=1.0)
+    fixed = diagnostics.importance_resample(guide, model, num_samples=4000, resamples=500)
+    assert set(fixed.draws) == {"loc", "twice"} and fixed.draws["loc"].shape == (500,)
+    torch.testing.assert_close(fixed.draws["twice"], 2 * fixed.draws["loc"])
+    # the exact posterior of loc is N(0.8, 0.2): the untrained guide is N(0, 1)
+    assert fixed.mean()["loc"].item() == pytest.approx(0.8, abs=0.05)
+
+
+def test_equal_weights_have_no_tail_and_change_nothing():
+    q = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    fixed = diagnostics.importance_resample(q, q.log_prob, num_samples=100)
+    assert fixed.k_hat == -math.inf
+    torch.testing.assert_close(fixed.weights, torch.full((100,), 0.01, dtype=torch.float64))

@@ -187,7 +187,8 @@ def _names(requirements: list[str]) -> set[str]:
 def test_pyproject_declares_the_extras():
     project = _project()
     core = _names(project["dependencies"])
-    assert core == {"torch", "pyro-ppl", "numpy", "pandas", "arviz", "tqdm"}
+    # scipy: arviz requires it anyway, and the guides' start runs its L-BFGS-B
+    assert core == {"torch", "pyro-ppl", "numpy", "pandas", "arviz", "tqdm", "scipy"}
     extras = {name: _names(reqs) for name, reqs in project["optional-dependencies"].items()}
     assert extras["plot"] == {"matplotlib"}
     assert extras["parquet"] == {"pyarrow"}

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
+from pyroflows.inference.start import GaussianStart, pathfinder
 from pyroflows.transforms import CholeskyAffine, Flow, FlowStack
 from pyroflows.transforms.registry import build
 
@@ -31,6 +32,7 @@ def fit_reverse_kl(
     anneal: int = 0,
     init_loc: Tensor | None = None,
     init_scale: float = 1.0,
+    start: str | None = None,
     clip: float = 100.0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -55,7 +57,10 @@ def fit_reverse_kl(
     ``anneal > 0`` tempers the target as :math:`\beta_t \log \tilde p` with
     :math:`\beta_t` rising linearly from 0.01 to 1 over the first ``anneal`` steps, as in
     Rezende & Mohamed (2015, sec. 6.1). Device and dtype are those of ``init_loc``, else
-    ``device`` and ``dtype``.
+    ``device`` and ``dtype``. ``start="pathfinder"`` starts from the best-ELBO Gaussian
+    along the L-BFGS path from the initial point
+    (:func:`~pyroflows.inference.start.pathfinder`), as a fixed whitening
+    (:func:`whitened_posterior_flow`); ``init_scale`` is then unused.
 
     Returns the fitted :class:`~pyroflows.FlowDistribution`, in evaluation mode.
 
@@ -83,10 +88,16 @@ def fit_reverse_kl(
         raise ValueError(f"anneal must be a non-negative integer, got {anneal!r}")
     if not callable(log_density):
         raise TypeError(f"log_density must be callable, got {type(log_density).__name__}")
+    if start not in (None, "pathfinder"):
+        raise ValueError(f"start must be None or 'pathfinder', got {start!r}")
     loc = _initial_point(init_loc, dim, device, dtype)
     _check_log_density(log_density, loc)
 
-    transform = FlowStack(posterior_flow(flow, loc, init_scale, **options))
+    if start == "pathfinder":
+        parts = whitened_posterior_flow(flow, pathfinder(log_density, loc), **options)
+    else:
+        parts = posterior_flow(flow, loc, init_scale, **options)
+    transform = FlowStack(parts)
     zeros = torch.zeros_like(loc)
     base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
     q = FlowDistribution(base, transform, stl=stl)
@@ -145,6 +156,36 @@ def posterior_flow(
         affine.log_scale.fill_(math.log(scale))
         affine.bias.copy_(loc)
     return family, affine
+
+
+def whitened_posterior_flow(
+    flow: str, start: GaussianStart, **options: Any
+) -> tuple[Flow, CholeskyAffine, CholeskyAffine]:
+    r"""The three parts of a variational posterior that starts at the Gaussian ``start``
+    :math:`\mathcal{N}(m, WW^\top)` (:func:`~pyroflows.inference.start.pathfinder`):
+    family ``flow``, a trainable affine map :math:`x \mapsto DLx + b` at the identity, and
+    the fixed whitening :math:`x \mapsto m + Wx` (a buffer). Draws are
+    :math:`z = m + W(DL f(\epsilon) + b)`: the posterior starts as the Gaussian, and an
+    optimiser's steps on :math:`b`, :math:`D`, :math:`L` and the flow are in units of its
+    scales, so a coordinate with posterior scale :math:`10^{-4}` moves no faster than one
+    with scale :math:`10^{2}`, as a step in raw units would make it.
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.inference.start import GaussianStart, pathfinder
+        >>> scale = torch.diag(torch.tensor([1e-3, 1e2]))
+        >>> start = GaussianStart(torch.tensor([1.0, 2.0]), scale, 0.0, "laplace", 0)
+        >>> parts = whitened_posterior_flow("realnvp", start)
+        >>> FlowStack(parts).forward_and_log_det(torch.ones(2))[0]  # 1 + 1e-3, 2 + 1e2
+        tensor([  1.0010, 102.0000], grad_fn=<AddBackward0>)
+    """
+    dim = len(start.loc)
+    like = {"device": start.loc.device, "dtype": start.loc.dtype}
+    family = build(flow, dim, **options).to(**like)
+    affine = CholeskyAffine(dim).to(**like)
+    whitening = CholeskyAffine(dim, trainable=False).to(**like)
+    whitening.set(start.loc, start.scale_tril)
+    return family, affine, whitening
 
 
 def _check_finite(not_finite: Tensor, step: int) -> None:

@@ -111,7 +111,9 @@ class CholeskyAffine(Flow):
     parametrisation of Pyro's ``AutoMultivariateNormal``, which makes a variational
     Gaussian fit posteriors whose scales differ by orders of magnitude (Glow's
     :class:`LULinear` has absolute upper-triangular entries and does not). Starts at the
-    identity.
+    identity. With ``trainable=False`` its values are a buffer: a fixed whitening, e.g.
+    the Gaussian a variational posterior starts from, so that an optimiser's steps on the
+    layers before it are in units of that Gaussian's scales.
 
     Example:
         >>> import torch
@@ -125,11 +127,16 @@ class CholeskyAffine(Flow):
 
     analytic_grad = True
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, trainable: bool = True) -> None:
         super().__init__(dim)
         #: :math:`b`, :math:`s` and :math:`L` (its strict lower triangle is read) in one
-        #: vector (Pyro's optimisers step tensor by tensor)
-        self.params = nn.Parameter(torch.zeros(dim * (dim + 2)))
+        #: vector (Pyro's optimisers step tensor by tensor); a buffer if not ``trainable``
+        #: (a fixed whitening, set by :meth:`set`)
+        params = torch.zeros(dim * (dim + 2))
+        if trainable:
+            self.params = nn.Parameter(params)
+        else:
+            self.register_buffer("params", params)
 
     @property
     def bias(self) -> Tensor:
@@ -142,6 +149,30 @@ class CholeskyAffine(Flow):
     @property
     def lower(self) -> Tensor:
         return self.params[2 * self.dim :].view(self.dim, self.dim)
+
+    @torch.no_grad()
+    def set(self, bias: Tensor, scale_tril: Tensor) -> None:
+        """Set :math:`b` and the factor :math:`DL` (lower-triangular, positive diagonal).
+
+        Example:
+            >>> import torch
+            >>> layer = CholeskyAffine(2)
+            >>> tril = torch.tensor([[2.0, 0.0], [1.0, 0.5]])
+            >>> layer.set(torch.tensor([1.0, -1.0]), tril)
+            >>> torch.equal(layer.scale_tril(), tril), layer.bias.tolist()
+            (True, [1.0, -1.0])
+        """
+        diagonal = scale_tril.diagonal()
+        if scale_tril.shape != (self.dim, self.dim) or bias.shape != (self.dim,):
+            raise ValueError(
+                f"bias and scale_tril must have shapes ({self.dim},) and ({self.dim}, "
+                f"{self.dim}), got {tuple(bias.shape)} and {tuple(scale_tril.shape)}"
+            )
+        if not bool((diagonal > 0).all()) or bool(scale_tril.triu(1).ne(0).any()):
+            raise ValueError("scale_tril must be lower-triangular with a positive diagonal")
+        self.bias.copy_(bias)
+        self.log_scale.copy_(diagonal.log())
+        self.lower.copy_(scale_tril / diagonal.unsqueeze(-1))
 
     def scale_tril(self) -> Tensor:
         """The lower-triangular factor :math:`DL`."""
