@@ -181,3 +181,28 @@ def test_where_the_start_fails_the_guide_says_so_and_starts_at_the_initial_point
         guide()
     assert guide.start is None and guide.whitening is None
     torch.testing.assert_close(guide.gaussian.scale_tril(), 0.1 * torch.eye(2))
+
+
+def gaussian_process(dtype: torch.dtype):
+    """A latent function on 30 close points with a long length-scale: its covariance is
+    singular to float32 rounding (Cholesky fails there) and factorises in float64."""
+    t = torch.linspace(0, 1, 30, dtype=dtype)
+    kernel = torch.exp(-((t[:, None] - t[None, :]) ** 2) / (2 * 3.0**2))
+    jitter = 1e-10 * torch.eye(30, dtype=dtype)
+    y = torch.sin(3 * t)
+
+    def model():
+        amplitude = pyro.sample("amplitude", dist.LogNormal(torch.zeros((), dtype=dtype), 0.5))
+        chol = torch.linalg.cholesky(amplitude * kernel + jitter)
+        f = pyro.sample("f", dist.Normal(torch.zeros(30, dtype=dtype), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(chol @ f, 0.1).to_event(1), obs=y)
+
+    return model
+
+
+def test_a_model_whose_cholesky_fails_in_float32_is_named_with_the_cure():
+    guide = pyroflows.AutoFlow(gaussian_process(torch.float32))
+    with pytest.raises(torch.linalg.LinAlgError, match="after site 'amplitude'.*float32") as error:
+        guide()
+    assert "give the model float64 data" in str(error.value)
+    pyroflows.AutoFlow(gaussian_process(torch.float64), start=None)()  # the cure works

@@ -158,7 +158,16 @@ class AutoFlow(AutoContinuous):
         self._unwrapped_model = (model,)  # a tuple, so that a PyroModule model is no submodule
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
-        super()._setup_prototype(*args, **kwargs)
+        try:
+            super()._setup_prototype(*args, **kwargs)
+        except torch.linalg.LinAlgError as error:
+            sites = _SiteRecorder()  # run it again, to see the sites it reaches
+            try:
+                with poutine.block(), sites:
+                    self.model(*args, **kwargs)  # at the initial values, as before
+            except torch.linalg.LinAlgError:
+                pass
+            raise _model_failed(error, sites, "at its initial point") from error
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             for frame in site["cond_indep_stack"]:
                 if frame.full_size is not None and frame.full_size != frame.size:
@@ -199,10 +208,14 @@ class AutoFlow(AutoContinuous):
             for name, value, log_density in self._constrain(row, *args, **kwargs):
                 constrained[name] = value
                 log_det = log_det + log_density.sum()
-            with poutine.block():
-                trace = poutine.trace(poutine.condition(model, data=constrained)).get_trace(
-                    *args, **kwargs
-                )
+            sites = _SiteRecorder()
+            try:
+                with poutine.block(), sites:
+                    trace = poutine.trace(poutine.condition(model, data=constrained)).get_trace(
+                        *args, **kwargs
+                    )
+            except torch.linalg.LinAlgError as error:  # pathfinder reads it as density 0
+                raise _model_failed(error, sites, "while the start (pathfinder) ran it") from error
             values.append(trace.log_prob_sum() - log_det)
         return torch.stack(values)
 
@@ -422,6 +435,40 @@ def init_to_median_or_feasible(site: dict) -> Tensor:
         value = to_support(torch.zeros(to_support.inverse_shape(fn.shape())))
         value._pyro_custom_init = False
         return value
+
+
+class _SiteRecorder(Messenger):
+    """Records the name and dtype of each sample site a model run reaches, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.dtype: torch.dtype | None = None
+
+    def _pyro_sample(self, msg: dict) -> None:
+        self.names.append(msg["name"])
+        value = msg["value"] if msg["value"] is not None else None
+        if isinstance(value, Tensor) and value.is_floating_point():
+            self.dtype = value.dtype
+
+
+def _model_failed(
+    error: torch.linalg.LinAlgError, sites: _SiteRecorder, where: str
+) -> torch.linalg.LinAlgError:
+    """The model's linear-algebra failure, named: after which site, in which dtype, and what
+    to do about it (a factorisation that fails in float32 often succeeds in float64)."""
+    after = f"after site {sites.names[-1]!r}" if sites.names else "before its first site"
+    dtype = str(sites.dtype or torch.get_default_dtype()).removeprefix("torch.")
+    advice = (
+        "float32 rounds a nearly singular covariance to an indefinite one: give the model "
+        "float64 data (or a larger jitter)"
+        if dtype == "float32"
+        else "check the matrix the model factorises there (add jitter?)"
+    )
+    return torch.linalg.LinAlgError(
+        f"the model's linear algebra failed {where}, {after} (values in {dtype}): "
+        f"{str(error).splitlines()[0]} {advice}"
+    )
 
 
 class _ConstrainMessenger(Messenger):

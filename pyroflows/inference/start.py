@@ -149,15 +149,19 @@ def _lbfgs_path(
     """The iterates of L-BFGS (scipy's L-BFGS-B, unbounded) on ``-log_density`` from 0, on
     ``like``'s dtype and device, with the values and gradients of ``log_density`` there,
     up to ``max_iter`` iterations or convergence. Each iterate was evaluated by the line
-    search that accepted it, and those evaluations are reused; a point where the density is
-    not finite is never accepted, and ends the path."""
+    search that accepted it, and those evaluations are reused. A point where the density is
+    not finite, or where ``log_density`` raises a ``torch.linalg.LinAlgError`` (a
+    covariance it cannot factorise), has density 0: the line search backs off from it."""
     import scipy.optimize  # on use: it is slow to import
 
     evaluated: dict[bytes, tuple[float, Tensor]] = {}
 
     def objective(u: np.ndarray) -> tuple[float, np.ndarray]:
         point = torch.as_tensor(u, dtype=like.dtype, device=like.device)
-        value, grad = _value_and_grad(log_density, point)
+        try:
+            value, grad = _value_and_grad(log_density, point)
+        except torch.linalg.LinAlgError:  # e.g. a covariance the model cannot factorise
+            value, grad = -math.inf, torch.zeros_like(point)
         evaluated[u.tobytes()] = value, grad
         if not (math.isfinite(value) and bool(torch.isfinite(grad).all())):
             return math.inf, np.zeros_like(u)
