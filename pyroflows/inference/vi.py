@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
+from pyroflows.inference.bounds import FlowMixture, mixture_logits, stratified_bound
 from pyroflows.inference.start import GaussianStart, pathfinder
 from pyroflows.transforms import CholeskyAffine, Flow, FlowStack
 from pyroflows.transforms.registry import build
@@ -33,12 +34,15 @@ def fit_reverse_kl(
     init_loc: Tensor | None = None,
     init_scale: float = 1.0,
     start: str | None = None,
+    components: int = 1,
+    alpha: float = 1.0,
+    importance: int = 1,
     clip: float = 100.0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
     **options: Any,
-) -> FlowDistribution:
+) -> FlowDistribution | FlowMixture:
     r"""Fit a flow :math:`q` to :math:`p(z) \propto \exp(\text{log\_density}(z))` by reverse KL.
 
     Minimises :math:`\mathrm{KL}(q \,\|\, p) = \mathbb{E}_q[\log q(z) - \log \tilde p(z)] +
@@ -90,27 +94,46 @@ def fit_reverse_kl(
         raise TypeError(f"log_density must be callable, got {type(log_density).__name__}")
     if start not in (None, "pathfinder"):
         raise ValueError(f"start must be None or 'pathfinder', got {start!r}")
+    components = check_positive_int("components", components)
+    importance = check_positive_int("importance", importance)
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    draws = num_particles // components
+    if draws < importance or draws % importance:
+        raise ValueError(
+            f"num_particles // components = {draws} draws per component must be a multiple "
+            f"of importance={importance}"
+        )
+    if stl and (components > 1 or alpha != 1):
+        raise ValueError("stl=True is for one flow and the ELBO (components=1, alpha=1)")
     loc = _initial_point(init_loc, dim, device, dtype)
     _check_log_density(log_density, loc)
 
-    if start == "pathfinder":
-        parts = whitened_posterior_flow(flow, pathfinder(log_density, loc), **options)
-    else:
-        parts = posterior_flow(flow, loc, init_scale, **options)
-    transform = FlowStack(parts)
     zeros = torch.zeros_like(loc)
     base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
-    q = FlowDistribution(base, transform, stl=stl)
-    params = list(transform.parameters())
+    flows = []
+    if start == "pathfinder":
+        for found in _distinct_starts(log_density, loc, init_scale, components):
+            parts = whitened_posterior_flow(flow, found, **options)
+            flows.append(FlowDistribution(base, FlowStack(parts), stl=stl))
+    for _ in range(components - len(flows)):  # scattered about the initial point
+        point = loc if not flows else loc + init_scale * torch.randn_like(loc)
+        parts = posterior_flow(flow, point, init_scale, **options)
+        flows.append(FlowDistribution(base, FlowStack(parts), stl=stl))
+    logits = mixture_logits(components, loc)
+    q = FlowMixture(flows, logits)
+    params = q.parameters if components > 1 else q.parameters[1:]
     optimiser = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=lr / 100)
 
     not_finite = torch.zeros((), dtype=torch.bool, device=loc.device)
     bar = tqdm(range(steps), disable=not progress, desc="reverse KL", unit="step")
     for step in bar:
-        z, log_q = q.rsample_and_log_prob((num_particles,))
         beta = min(1.0, 0.01 + step / anneal) if anneal else 1.0
-        loss = (log_q - beta * log_density(z)).mean()
+        bound = stratified_bound(
+            q, log_density, draws, alpha=alpha, importance=importance, beta=beta
+        )
+        loss = -bound
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
@@ -123,8 +146,11 @@ def fit_reverse_kl(
             if progress:
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     bar.close()
-    transform.eval()
-    return FlowDistribution(base, transform)
+    for component in flows:
+        component.transform.eval()
+    if components == 1:
+        return FlowDistribution(base, flows[0].transform)
+    return FlowMixture([FlowDistribution(base, c.transform) for c in flows], logits.detach())
 
 
 def posterior_flow(
@@ -172,7 +198,7 @@ def whitened_posterior_flow(
 
     Example:
         >>> import torch
-        >>> from pyroflows.inference.start import GaussianStart, pathfinder
+        >>> from pyroflows.inference.start import GaussianStart
         >>> scale = torch.diag(torch.tensor([1e-3, 1e2]))
         >>> start = GaussianStart(torch.tensor([1.0, 2.0]), scale, 0.0, "laplace", 0)
         >>> parts = whitened_posterior_flow("realnvp", start)
@@ -186,6 +212,38 @@ def whitened_posterior_flow(
     whitening = CholeskyAffine(dim, trainable=False).to(**like)
     whitening.set(start.loc, start.scale_tril)
     return family, affine, whitening
+
+
+def _distinct_starts(
+    log_density: LogDensity, loc: Tensor, scale: float, count: int, tries: int = 4
+) -> list[GaussianStart]:
+    """Up to ``count`` Pathfinder starts at distinct modes, best ELBO first: from ``loc`` and
+    ``tries * count - 1`` points scattered about it (``scale`` times standard normal
+    draws), a start joins unless its mean lies within 3 standard deviations (Mahalanobis,
+    under either start) of one already chosen. Paths that fail are skipped."""
+    found = []
+    for k in range(tries * count if count > 1 else 1):
+        point = loc if k == 0 else loc + scale * torch.randn_like(loc)
+        try:
+            found.append(pathfinder(log_density, point))
+        except ValueError:
+            continue
+    chosen: list[GaussianStart] = []
+    for candidate in sorted(found, key=lambda s: s.elbo, reverse=True):
+        if all(_apart(candidate, other) for other in chosen):
+            chosen.append(candidate)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _apart(first: GaussianStart, second: GaussianStart, sds: float = 3.0) -> bool:
+    """Whether each start's mean lies more than ``sds`` Mahalanobis units from the other's."""
+    gap = (first.loc - second.loc).unsqueeze(-1)
+    return all(
+        torch.linalg.solve_triangular(start.scale_tril, gap, upper=False).norm() > sds
+        for start in (first, second)
+    )
 
 
 def _check_finite(not_finite: Tensor, step: int) -> None:
