@@ -202,7 +202,8 @@ def gaussian_process(dtype: torch.dtype):
 
 def test_a_model_whose_cholesky_fails_in_float32_is_named_with_the_cure():
     guide = pyroflows.AutoFlow(gaussian_process(torch.float32))
-    with pytest.raises(torch.linalg.LinAlgError, match="after site 'amplitude'.*float32") as error:
+    named = r"after site 'amplitude'.*float32"
+    with pytest.raises(torch.linalg.LinAlgError, match=named) as error:
         guide()
     assert "give the model float64 data" in str(error.value)
     pyroflows.AutoFlow(gaussian_process(torch.float64), start=None)()  # the cure works
