@@ -1,26 +1,28 @@
 r"""A deterministic Gaussian start for a variational posterior, by quasi-Newton optimisation.
 
 :func:`pathfinder` follows the L-BFGS path of :math:`-\log p` from an initial point, in
-coordinates whitened by the Hessian there (scipy's L-BFGS-B: torch's
-:class:`~torch.optim.LBFGS` stops for good where its direction is not a descent direction,
-which on posteriordb's diamonds, far from the mode, left it one step per restart). At every iterate
-:math:`x_l` it forms a normal approximation
+coordinates whitened by the Hessian there (scipy's L-BFGS-B; torch's
+:class:`~torch.optim.LBFGS` stops for good where its direction is not a descent
+direction, which on posteriordb's diamonds, far from the mode, left it one step per
+restart). At every iterate :math:`x_l` it forms a normal approximation
 
 .. math:: q_l = \mathcal{N}(x_l + \Sigma_l \nabla \log p(x_l),\; \Sigma_l),
 
 with :math:`\Sigma_l` the L-BFGS inverse-Hessian estimate there (the BFGS recursion over
 the last ``history`` curvature pairs of the path, from a scaled identity), and at the best
-point it adds the Laplace approximation :math:`\mathcal{N}(x^*, H(x^*)^{-1})` with the
-exact Hessian (autograd) where that is positive definite. Each candidate's ELBO
+point :math:`x^*` it adds the Laplace approximation
+:math:`\mathcal{N}(x^* + H^{-1} \nabla \log p(x^*), H^{-1})` with :math:`H` the exact
+negative Hessian (autograd) there, where that is positive definite. Each candidate's ELBO
 :math:`\mathbb{E}_{q}[\log p(z) - \log q(z)]` is estimated with the same ``draws`` standard
 normal draws (common random numbers), and the candidate with the best ELBO is the start.
 
 On a Gaussian posterior the Laplace candidate is exact. Where the mode is a poor summary
 (a funnel's neck, where the density grows without bound) a point part-way along the path
 has the better ELBO, which is why Pathfinder chooses along the path rather than at its end.
-Unlike Zhang et al., the inverse-Hessian estimate starts from a scaled identity (torch's
-L-BFGS's own), not a diagonal one, and one path is followed (no multi-path importance
-resampling).
+Unlike Zhang et al., the inverse-Hessian estimate starts from a scaled identity (the
+classic L-BFGS choice), not a diagonal one, the path runs in whitened coordinates, the
+Laplace approximation is a candidate too, and one path is followed (no multi-path
+importance resampling; :func:`~pyroflows.fit_reverse_kl` runs several for a mixture).
 
 References:
     Pathfinder: Parallel quasi-Newton variational inference (Zhang, Carpenter, Gelman &
