@@ -447,7 +447,7 @@ class _SiteRecorder(Messenger):
 
     def _pyro_sample(self, msg: dict) -> None:
         self.names.append(msg["name"])
-        value = msg["value"] if msg["value"] is not None else None
+        value = msg["value"]
         if isinstance(value, Tensor) and value.is_floating_point():
             self.dtype = value.dtype
 
