@@ -19,6 +19,7 @@ FIGURES = {
     "02_variational_inference": ["02_eight_schools_tau.png", "02_energies.png"],
     "03_tabular_density": ["03_anomaly_scores.png", "03_samples.png"],
     "04_your_own_family": ["04_sinh_arcsinh.png"],
+    "05_neutra": ["05_funnel.png"],
 }
 
 
