@@ -38,7 +38,7 @@ from pyro.infer.autoguide import (
     AutoNormalizingFlow,
     init_to_feasible,
 )
-from pyro.optim import Adam
+from pyro.optim import Adam, ClippedAdam
 
 import pyroflows
 from pyroflows.inference.diagnostics import psis_khat, to_inference_data
@@ -51,11 +51,18 @@ def pyro_planar(model, k: int):
     return AutoNormalizingFlow(model, partial(T.iterated, k, T.planar))
 
 
-def train(model, guide, steps: int, particles: int, lr: float, vectorize: bool) -> float:
-    """Run SVI; return seconds per step."""
+def train(
+    model, guide, steps: int, particles: int, lr: float, vectorize: bool, decay: bool = False
+) -> float:
+    """Run SVI; return seconds per step. ``decay``: ClippedAdam, the rate falling tenfold
+    over the steps, gradients clipped at norm 10 (else Adam at a constant rate)."""
     pyro.clear_param_store()
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=vectorize)
-    svi = SVI(model, guide, Adam({"lr": lr}), elbo)
+    if decay:
+        optim = ClippedAdam({"lr": lr, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)})
+    else:
+        optim = Adam({"lr": lr})
+    svi = SVI(model, guide, optim, elbo)
     svi.step()  # builds the guide; not timed
     start = time.perf_counter()
     for _ in range(steps - 1):
@@ -86,15 +93,18 @@ def guide_kl(guide, log_p, log_z: float, n: int = 100_000) -> float:
 
 def energies(args) -> pd.DataFrame:
     # Pyro's AutoNormalizingFlow and AutoIAFNormal start from N(0, I) whatever the model;
-    # AutoFlow is given the same start (loc 0, scale 1) so that the flows alone differ.
-    same_start = {"init_loc_fn": init_to_feasible, "init_scale": 1.0, "stl": args.stl}
+    # AutoFlow is given the same start (loc 0, scale 1, no Pathfinder start) so that the
+    # flows alone differ.
+    same_start = {"init_loc_fn": init_to_feasible, "init_scale": 1.0, "start": None}
+    same_start["stl"] = args.stl
     guides: dict[str, GuideMaker] = {}
     for k in args.lengths:
         guides[f"pyroflows planar K={k}"] = partial(
             pyroflows.AutoFlow, flow="planar", layers=k, **same_start
         )
         guides[f"pyro planar K={k}"] = partial(pyro_planar, k=k)
-    guides["pyroflows realnvp"] = partial(pyroflows.AutoFlow, flow="realnvp", **same_start)
+    for family in args.families:
+        guides[f"pyroflows {family}"] = partial(pyroflows.AutoFlow, flow=family, **same_start)
     guides["pyro AutoIAFNormal"] = AutoIAFNormal
     guides["pyro AutoMultivariateNormal"] = AutoMultivariateNormal
     rows = []
@@ -106,7 +116,9 @@ def energies(args) -> pd.DataFrame:
             torch.manual_seed(0)
             pyro.set_rng_seed(0)
             guide = make(model)
-            seconds = train(model, guide, args.steps, args.particles, args.lr, vectorize=True)
+            seconds = train(
+                model, guide, args.steps, args.particles, args.lr, True, decay=args.decay
+            )
             kl = guide_kl(guide, log_p, log_z)
             rows.append({"energy": name, "guide": label, "KL(q||p)": kl, "ms/step": 1e3 * seconds})
             print(f"{name} {label:32s} KL {kl:8.4f}  {1e3 * seconds:6.2f} ms/step", flush=True)
@@ -168,7 +180,9 @@ def posteriors(args) -> pd.DataFrame:
             pyro.set_rng_seed(0)
             guide = make(post.model)
             try:
-                seconds = train(post.model, guide, args.steps, args.particles, args.lr, False)
+                seconds = train(
+                    post.model, guide, args.steps, args.particles, args.lr, False, args.decay
+                )
                 data = to_inference_data(guide, post.model, num_samples=args.draws)
                 samples = {n: data.posterior[n].values[0] for n in post.reference}
                 k_hat = psis_khat(
@@ -195,6 +209,17 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--energies", nargs="+", default=list(ENERGIES))
     parser.add_argument(
+        "--families",
+        nargs="+",
+        default=["realnvp"],
+        help="AutoFlow families on the energies, each at its defaults ('all': every one)",
+    )
+    parser.add_argument(
+        "--decay",
+        action="store_true",
+        help="ClippedAdam for every guide: the rate falls tenfold, gradients clipped at 10",
+    )
+    parser.add_argument(
         "--stl", action="store_true", help="AutoFlow guides on the energies use stl=True"
     )
     parser.add_argument("--posteriors", nargs="+", default=POSTERIORS)
@@ -209,6 +234,8 @@ def main() -> None:
         help="run the posteriors in float64 (Pyro's AutoIAFNormal and planar stacks then fail)",
     )
     args = parser.parse_args()
+    if args.families == ["all"]:
+        args.families = pyroflows.list_flows()
     torch.set_num_threads(args.threads)
     args.dtype = torch.float64 if args.float64 else torch.float32
     pyro.enable_validation(False)  # let guides that leave the support show it in the metrics

@@ -9,7 +9,7 @@ Flow families are Pyro ``TransformModule`` stacks, registered by name::
 from pyroflows import transforms
 from pyroflows.density import DensityEstimator
 from pyroflows.distributions import FlowDistribution
-from pyroflows.inference import AutoFlow, diagnostics, fit_reverse_kl, supports
+from pyroflows.inference import AutoFlow, decaying_adam, diagnostics, fit_reverse_kl, supports
 from pyroflows.transforms import Flow, FlowStack
 from pyroflows.transforms.registry import build, list_flows, register_flow
 
@@ -22,6 +22,7 @@ __all__ = [
     "FlowDistribution",
     "FlowStack",
     "build",
+    "decaying_adam",
     "diagnostics",
     "fit_reverse_kl",
     "list_flows",

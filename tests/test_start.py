@@ -207,3 +207,23 @@ def test_a_model_whose_cholesky_fails_in_float32_is_named_with_the_cure():
         guide()
     assert "give the model float64 data" in str(error.value)
     pyroflows.AutoFlow(gaussian_process(torch.float64), start=None)()  # the cure works
+
+
+def test_the_decaying_rate_ends_at_lr_times_decay():
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    guide = pyroflows.AutoFlow(model, "planar", start=None)
+    optim = pyroflows.decaying_adam(200, lr=0.01, decay=0.1)
+    svi = SVI(model, guide, optim, Trace_ELBO())
+    for _ in range(200):
+        svi.step()
+    rates = [group["lr"] for o in optim.optim_objs.values() for group in o.param_groups]
+    assert rates and rates == pytest.approx([0.001] * len(rates), rel=1e-9)
+
+
+@pytest.mark.parametrize("option", [{"steps": 0}, {"lr": 0.0}, {"decay": -1.0}, {"clip_norm": 0}])
+def test_decaying_adam_names_a_bad_option(option):
+    arguments = {"steps": 10, **option}
+    with pytest.raises(ValueError, match=next(iter(option))):
+        pyroflows.decaying_adam(**arguments)

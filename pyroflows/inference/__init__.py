@@ -5,6 +5,14 @@
 
 from pyroflows.inference import diagnostics, supports
 from pyroflows.inference.guides import AutoFlow
+from pyroflows.inference.optim import decaying_adam
 from pyroflows.inference.vi import fit_reverse_kl, posterior_flow
 
-__all__ = ["AutoFlow", "diagnostics", "fit_reverse_kl", "posterior_flow", "supports"]
+__all__ = [
+    "AutoFlow",
+    "decaying_adam",
+    "diagnostics",
+    "fit_reverse_kl",
+    "posterior_flow",
+    "supports",
+]
