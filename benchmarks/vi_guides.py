@@ -52,10 +52,19 @@ def pyro_planar(model, k: int):
 
 
 def train(
-    model, guide, steps: int, particles: int, lr: float, vectorize: bool, decay: bool = False
+    model,
+    guide,
+    steps: int,
+    particles: int,
+    lr: float,
+    vectorize: bool,
+    decay: bool = False,
+    anneal: int = 0,
 ) -> float:
     """Run SVI; return seconds per step. ``decay``: ClippedAdam, the rate falling tenfold
-    over the steps, gradients clipped at norm 10 (else Adam at a constant rate)."""
+    over the steps, gradients clipped at norm 10 (else Adam at a constant rate).
+    ``anneal > 0``: the likelihood tempered by ``pyroflows.temper``, beta rising linearly
+    from 0.01 to 1 over the first ``anneal`` steps."""
     pyro.clear_param_store()
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=vectorize)
     if decay:
@@ -63,10 +72,12 @@ def train(
     else:
         optim = Adam({"lr": lr})
     svi = SVI(model, guide, optim, elbo)
-    svi.step()  # builds the guide; not timed
+    with pyroflows.temper(0.01 if anneal else 1.0):
+        svi.step()  # builds the guide; not timed
     start = time.perf_counter()
-    for _ in range(steps - 1):
-        svi.step()
+    for step in range(1, steps):
+        with pyroflows.temper(min(1.0, 0.01 + step / anneal) if anneal else 1.0):
+            svi.step()
     return (time.perf_counter() - start) / (steps - 1)
 
 
@@ -93,18 +104,18 @@ def guide_kl(guide, log_p, log_z: float, n: int = 100_000) -> float:
 
 def energies(args) -> pd.DataFrame:
     # Pyro's AutoNormalizingFlow and AutoIAFNormal start from N(0, I) whatever the model;
-    # AutoFlow is given the same start (loc 0, scale 1, no Pathfinder start) so that the
-    # flows alone differ.
+    # the planar guides of length K are given the same start (loc 0, scale 1, no Pathfinder
+    # start) so that the flows alone differ. Each family (--families) runs at AutoFlow's
+    # defaults, its start included, as a user gets it, beside Pyro's Gaussian at its own.
     same_start = {"init_loc_fn": init_to_feasible, "init_scale": 1.0, "start": None}
-    same_start["stl"] = args.stl
     guides: dict[str, GuideMaker] = {}
     for k in args.lengths:
-        guides[f"pyroflows planar K={k}"] = partial(
-            pyroflows.AutoFlow, flow="planar", layers=k, **same_start
+        guides[f"pyroflows planar K={k}, N(0, I) start"] = partial(
+            pyroflows.AutoFlow, flow="planar", layers=k, stl=args.stl, **same_start
         )
         guides[f"pyro planar K={k}"] = partial(pyro_planar, k=k)
     for family in args.families:
-        guides[f"pyroflows {family}"] = partial(pyroflows.AutoFlow, flow=family, **same_start)
+        guides[f"pyroflows {family}"] = partial(pyroflows.AutoFlow, flow=family, stl=args.stl)
     guides["pyro AutoIAFNormal"] = AutoIAFNormal
     guides["pyro AutoMultivariateNormal"] = AutoMultivariateNormal
     rows = []
@@ -117,7 +128,7 @@ def energies(args) -> pd.DataFrame:
             pyro.set_rng_seed(0)
             guide = make(model)
             seconds = train(
-                model, guide, args.steps, args.particles, args.lr, True, decay=args.decay
+                model, guide, args.steps, args.particles, args.lr, True, args.decay, args.anneal
             )
             kl = guide_kl(guide, log_p, log_z)
             rows.append({"energy": name, "guide": label, "KL(q||p)": kl, "ms/step": 1e3 * seconds})
@@ -213,6 +224,9 @@ def main() -> None:
         nargs="+",
         default=["realnvp"],
         help="AutoFlow families on the energies, each at its defaults ('all': every one)",
+    )
+    parser.add_argument(
+        "--anneal", type=int, default=0, help="energies: temper every guide over N steps"
     )
     parser.add_argument(
         "--decay",

@@ -9,7 +9,14 @@ Flow families are Pyro ``TransformModule`` stacks, registered by name::
 from pyroflows import transforms
 from pyroflows.density import DensityEstimator
 from pyroflows.distributions import FlowDistribution
-from pyroflows.inference import AutoFlow, decaying_adam, diagnostics, fit_reverse_kl, supports
+from pyroflows.inference import (
+    AutoFlow,
+    decaying_adam,
+    diagnostics,
+    fit_reverse_kl,
+    supports,
+    temper,
+)
 from pyroflows.transforms import Flow, FlowStack
 from pyroflows.transforms.registry import build, list_flows, register_flow
 
@@ -28,5 +35,6 @@ __all__ = [
     "list_flows",
     "register_flow",
     "supports",
+    "temper",
     "transforms",
 ]

@@ -6,6 +6,7 @@
 from pyroflows.inference import diagnostics, supports
 from pyroflows.inference.guides import AutoFlow
 from pyroflows.inference.optim import decaying_adam
+from pyroflows.inference.tempering import temper
 from pyroflows.inference.vi import fit_reverse_kl, posterior_flow
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "fit_reverse_kl",
     "posterior_flow",
     "supports",
+    "temper",
 ]
