@@ -28,7 +28,6 @@ import torch
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.reparam import NeuTraReparam
 from pyro.ops.stats import effective_sample_size
-from pyro.optim import ClippedAdam
 
 import pyroflows
 
@@ -83,17 +82,16 @@ plain, plain_seconds = run_nuts(funnel)
 # can represent `x = exp(v / 2) * eps` exactly. Three choices matter here. `start=None`:
 # the funnel's density peaks deep in the neck (at `v = -40.5`), so a quasi-Newton start
 # whitens on a scale far too small for the mouth; the guide starts at the prior's median
-# instead. `stl=True` and 16 particles: quieter gradients. A learning rate decaying tenfold
-# with clipped gradients: the neck's draws give large ones. The guide is then frozen and
-# handed to `NeuTraReparam`; NUTS runs on its one shared latent site, and
-# `transform_sample` maps the draws back to `v` and `x`. NeuTra's wall time includes the
-# guide's training.
+# instead. `stl=True` and 16 particles: quieter gradients. `pyroflows.decaying_adam`: a
+# rate falling tenfold, with clipped gradients (the neck's draws give large ones). The
+# guide is then frozen and handed to `NeuTraReparam`; NUTS runs on its one shared latent
+# site, and `transform_sample` maps the draws back to `v` and `x`. NeuTra's wall time
+# includes the guide's training.
 
 # %%
 started = time.perf_counter()
 guide = pyroflows.AutoFlow(funnel, "realnvp", layers=4, hidden=(32, 32), start=None, stl=True)
-decay = 0.1 ** (1 / SVI_STEPS)  # per step: the rate falls tenfold over the run
-optimizer = ClippedAdam({"lr": 1e-2, "clip_norm": 10.0, "lrd": decay})
+optimizer = pyroflows.decaying_adam(SVI_STEPS, lr=1e-2)  # falls tenfold, clipped at 10
 svi = SVI(funnel, guide, optimizer, Trace_ELBO(16, vectorize_particles=True))
 for _ in range(SVI_STEPS):
     svi.step()
