@@ -3,13 +3,12 @@
 For each posterior of ``posteriordb.POSTERIORS`` (all in float64: in float32 the Gaussian
 process's Cholesky fails for every guide) and each seed, every guide is trained by the same
 plain SVI loop (``Trace_ELBO``, one particle, Adam at ``--lr``, ``--steps`` steps; with
-``--decay``, ``ClippedAdam`` with the rate falling tenfold over the steps and gradients
-clipped at norm 10) and
-compared with the reference draws: the standardised mean error ``|mean - mean_ref| /
-sd_ref`` and sd error ``|sd - sd_ref| / sd_ref`` (the largest over the posterior's
-scalars), the sliced Wasserstein-1 distance in standardised units, PSIS k-hat of the
-guide's importance weights, and the wall time to the result (the guide's set-up, its start
-included, and the steps). Guides:
+``--decay``, ``pyroflows.decaying_adam``: the rate falling tenfold, gradients clipped at
+norm 10) and compared with the reference draws: the standardised mean error ``|mean -
+mean_ref| / sd_ref`` and sd error ``|sd - sd_ref| / sd_ref`` (the largest over the
+posterior's scalars), the sliced Wasserstein-1 distance in standardised units, PSIS k-hat
+of the guide's importance weights, and the wall time to the result (the guide's set-up,
+its start included, and the steps). Guides:
 
 - ``pyroflows realnvp``: ``AutoFlow(model, "realnvp")``, its defaults (the Pathfinder start);
 - ``pathfinder alone``: the same guide's start, not trained (the normal approximation);
@@ -37,7 +36,7 @@ import torch
 from posteriordb import POSTERIORS, load
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
-from pyro.optim import Adam, ClippedAdam
+from pyro.optim import Adam
 from vi_guides import compare
 
 import pyroflows
@@ -62,8 +61,8 @@ def run(name: str, label: str, seed: int, steps: int, lr: float, draws: int, dec
     started = time.perf_counter()
     guide()  # the set-up: the prototype trace, and the start where there is one
     if trained:
-        if decay:  # the rate falls tenfold over the run, gradients clipped at norm 10
-            optim = ClippedAdam({"lr": lr, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)})
+        if decay:
+            optim = pyroflows.decaying_adam(steps, lr)
         else:
             optim = Adam({"lr": lr})
         svi = SVI(post.model, guide, optim, Trace_ELBO())

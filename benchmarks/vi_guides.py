@@ -38,7 +38,7 @@ from pyro.infer.autoguide import (
     AutoNormalizingFlow,
     init_to_feasible,
 )
-from pyro.optim import Adam, ClippedAdam
+from pyro.optim import Adam
 
 import pyroflows
 from pyroflows.inference.diagnostics import psis_khat, to_inference_data
@@ -68,7 +68,7 @@ def train(
     pyro.clear_param_store()
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=vectorize)
     if decay:
-        optim = ClippedAdam({"lr": lr, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)})
+        optim = pyroflows.decaying_adam(steps, lr)
     else:
         optim = Adam({"lr": lr})
     svi = SVI(model, guide, optim, elbo)

@@ -106,6 +106,11 @@ class AutoFlow(AutoContinuous):
     Latent sites inside a subsampled plate are refused: one flow over all latent sites
     cannot be sized to a minibatch.
 
+    Train it with :func:`~pyroflows.decaying_adam` (clipped Adam at a rate falling tenfold
+    over the loop): at a constant rate one-particle gradient noise stays in the answer.
+    :func:`~pyroflows.temper` anneals the likelihood; a trained guide is a NeuTra warp for
+    NUTS (``pyro.infer.reparam.NeuTraReparam``) whatever its family.
+
     References:
         Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015)
         https://arxiv.org/abs/1505.05770
@@ -116,12 +121,13 @@ class AutoFlow(AutoContinuous):
     Example:
         >>> import torch, pyro, pyro.distributions as dist
         >>> from pyro.infer import SVI, Trace_ELBO
+        >>> import pyroflows
         >>> def model(y):
         ...     scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
         ...     with pyro.plate("data", len(y)):
         ...         pyro.sample("y", dist.Normal(0.0, scale), obs=y)
         >>> guide = AutoFlow(model, flow="planar", layers=4)
-        >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+        >>> svi = SVI(model, guide, pyroflows.decaying_adam(100), Trace_ELBO())
         >>> loss = svi.step(torch.randn(20))
         >>> sorted(guide(torch.randn(20)))
         ['scale']
