@@ -146,8 +146,7 @@ def stratified_bound(
         >>> round(bound.item(), 5)  # q is the target: every bound is log Z = 0
         0.0
     """
-    if not (math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    check_alpha(alpha)
     if importance < 1 or draws % importance:
         raise ValueError(
             f"importance must be a positive divisor of the draws per component ({draws}), "
@@ -162,6 +161,14 @@ def stratified_bound(
     scaled = (1 - alpha) * groups
     inner = torch.logsumexp(scaled, -1) - math.log(importance)  # log mean_t w^(1-a), (K, G)
     return (torch.logsumexp(inner + log_pi, 0) / (1 - alpha)).mean()
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` if it is a finite number >= 0 (a Rényi order with a lower bound), else
+    raise naming it."""
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    return float(alpha)
 
 
 def mixture_logits(components: int, like: Tensor) -> nn.Parameter:

@@ -76,15 +76,21 @@ def psis_khat(log_weights: Tensor) -> float:
         >>> psis_khat(0.1 * torch.randn(1000)) < 0.5, psis_khat(3 * torch.randn(1000)) > 0.7
         (True, True)
     """
+    return _psis(_as_numpy(log_weights))[1]
+
+
+def _psis(values: np.ndarray) -> tuple[np.ndarray, float]:
+    r"""Pareto-smoothed log weights (unnormalised) and :math:`\hat k` of the log weights
+    ``values``; equal weights (to 1e-9 nats) are left as they are, with :math:`\hat k =
+    -\infty`."""
     import arviz as az  # imported on use: it is slow to import
 
-    values = _as_numpy(log_weights)
-    if np.ptp(values) < 1e-9:
-        return -math.inf
-    with warnings.catch_warnings():  # arviz warns when k-hat is high; Diagnosis says so
+    if np.ptp(values) < 1e-9:  # equal weights: q is the target, nothing to smooth
+        return np.zeros_like(values), -math.inf
+    with warnings.catch_warnings():  # arviz warns when k-hat is high; k-hat says so
         warnings.simplefilter("ignore")
-        _, k_hat = az.psislw(values - values.max())
-    return float(k_hat)
+        smoothed, k_hat = az.psislw(values - values.max())
+    return smoothed, float(k_hat)
 
 
 def effective_sample_size(log_weights: Tensor) -> float:
@@ -217,8 +223,6 @@ def importance_resample(
         >>> bool(fixed.mean()["z"].abs() < 0.1), fixed.k_hat < 0.5, fixed.draws["z"].shape
         (True, True, torch.Size([4000, 1]))
     """
-    import arviz as az
-
     num_samples = check_positive_int("num_samples", num_samples)
     resamples = num_samples if resamples is None else check_positive_int("resamples", resamples)
     if isinstance(q, AutoGuide):
@@ -230,17 +234,12 @@ def importance_resample(
     values = _as_numpy(log_weights)
     if not np.isfinite(values).all():
         raise ValueError("some log importance weights are not finite: q puts mass where p is 0")
-    if np.ptp(values) < 1e-9:  # equal weights: q is the target, nothing to smooth
-        smoothed, k_hat = np.zeros_like(values), -math.inf
-    else:
-        with warnings.catch_warnings():  # arviz warns when k-hat is high: k_hat says so
-            warnings.simplefilter("ignore")
-            smoothed, k_hat = az.psislw(values - values.max())
+    smoothed, k_hat = _psis(values)
     weights = torch.as_tensor(np.exp(smoothed - smoothed.max()), dtype=torch.float64)
     weights = (weights / weights.sum()).to(log_weights.device)
     picks = torch.multinomial(weights.cpu(), resamples, replacement=True, generator=generator)
     draws = {name: values[picks.to(values.device)] for name, values in proposals.items()}
-    return Resampled(proposals, weights, draws, float(k_hat))
+    return Resampled(proposals, weights, draws, k_hat)
 
 
 def to_inference_data(

@@ -2,6 +2,7 @@ r"""Flow guides for Pyro models: every registered flow family as an autoguide.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,14 +24,10 @@ from torch.distributions import constraints, register_kl, transform_to
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
-from pyroflows.inference.start import GaussianStart, pathfinder
+from pyroflows.inference.start import STARTS, GaussianStart, pathfinder
 from pyroflows.inference.vi import posterior_flow, whitened_posterior_flow
 from pyroflows.transforms import CholeskyAffine, Flow, FlowStack
 from pyroflows.transforms.registry import check_options
-
-#: the deterministic starts :class:`AutoFlow` offers (``None``: the initial point, with
-#: ``init_scale``)
-STARTS = (None, "pathfinder")
 
 
 class AutoFlow(AutoContinuous):
@@ -168,11 +165,8 @@ class AutoFlow(AutoContinuous):
             super()._setup_prototype(*args, **kwargs)
         except torch.linalg.LinAlgError as error:
             sites = _SiteRecorder()  # run it again, to see the sites it reaches
-            try:
-                with poutine.block(), sites:
-                    self.model(*args, **kwargs)  # at the initial values, as before
-            except torch.linalg.LinAlgError:
-                pass
+            with contextlib.suppress(torch.linalg.LinAlgError), poutine.block(), sites:
+                self.model(*args, **kwargs)  # at the initial values, as before
             raise _model_failed(error, sites, "at its initial point") from error
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             for frame in site["cond_indep_stack"]:

@@ -45,6 +45,8 @@ from torch import Tensor
 from pyroflows._checks import check_positive_int
 
 LogDensity = Callable[[Tensor], Tensor]
+#: the deterministic starts a variational posterior offers (``None``: the initial point)
+STARTS = (None, "pathfinder")
 
 
 @dataclass
@@ -235,14 +237,26 @@ def _laplace(log_density: LogDensity, point: Tensor, grad: Tensor) -> tuple[Tens
     :math:`x` (one Newton step on, :math:`g` the gradient, :math:`H` the exact negative
     Hessian): its mean and Cholesky factor, or ``None`` where :math:`H` is not positive
     definite."""
-    hessian = _negative_hessian(log_density, point)
-    factor, info = torch.linalg.cholesky_ex(hessian)
-    if info or not bool(torch.isfinite(hessian).all()):
+    inverse = _inverse_and_factor(_negative_hessian(log_density, point))
+    if inverse is None:
         return None
-    eye = torch.eye(len(point), dtype=point.dtype, device=point.device)
+    cov, scale_tril = inverse
+    return point + cov @ grad, scale_tril
+
+
+def _inverse_and_factor(hessian: Tensor) -> tuple[Tensor, Tensor] | None:
+    """:math:`H^{-1}` and its Cholesky factor, or ``None`` where ``hessian`` :math:`H` is
+    not finite or not positive definite."""
+    if not bool(torch.isfinite(hessian).all()):
+        return None
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    if info:
+        return None
+    eye = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
     cov = torch.cholesky_solve(eye, factor)
-    scale_tril, info = torch.linalg.cholesky_ex((cov + cov.T) / 2)
-    return None if info else (point + cov @ grad, scale_tril)
+    cov = (cov + cov.T) / 2
+    scale_tril, info = torch.linalg.cholesky_ex(cov)
+    return None if info else (cov, scale_tril)
 
 
 def _negative_hessian(log_density: LogDensity, point: Tensor) -> Tensor:
@@ -264,20 +278,13 @@ def _whitening(log_density: LogDensity, point: Tensor) -> Tensor:
     identity where the Hessian is not finite or zero). L-BFGS's first step is a scaled
     gradient step, which a posterior with scales 1e-2 and 1e2 side by side (a regression
     on raw covariates) leaves stuck at its start."""
-    dim = len(point)
-    eye = torch.eye(dim, dtype=point.dtype, device=point.device)
     hessian = _negative_hessian(log_density, point)
-    if not bool(torch.isfinite(hessian).all()):
-        return eye
-    factor, info = torch.linalg.cholesky_ex(hessian)
-    if not info:
-        cov = torch.cholesky_solve(eye, factor)
-        whiten, info = torch.linalg.cholesky_ex((cov + cov.T) / 2)
-        if not info:
-            return whiten
+    inverse = _inverse_and_factor(hessian)
+    if inverse is not None:
+        return inverse[1]
     curvature = hessian.diagonal().abs()
-    if not bool((curvature > 0).any()):
-        return eye
+    if not bool(torch.isfinite(hessian).all() and (curvature > 0).any()):
+        return torch.eye(len(point), dtype=point.dtype, device=point.device)
     curvature = curvature.clamp_min(1e-12 * curvature.max())
     return torch.diag(curvature.rsqrt())
 

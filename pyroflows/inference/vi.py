@@ -13,8 +13,13 @@ from tqdm.auto import tqdm
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
-from pyroflows.inference.bounds import FlowMixture, mixture_logits, stratified_bound
-from pyroflows.inference.start import GaussianStart, pathfinder
+from pyroflows.inference.bounds import (
+    FlowMixture,
+    check_alpha,
+    mixture_logits,
+    stratified_bound,
+)
+from pyroflows.inference.start import STARTS, GaussianStart, pathfinder
 from pyroflows.transforms import CholeskyAffine, Flow, FlowStack
 from pyroflows.transforms.registry import build
 
@@ -92,12 +97,11 @@ def fit_reverse_kl(
         raise ValueError(f"anneal must be a non-negative integer, got {anneal!r}")
     if not callable(log_density):
         raise TypeError(f"log_density must be callable, got {type(log_density).__name__}")
-    if start not in (None, "pathfinder"):
+    if start not in STARTS:
         raise ValueError(f"start must be None or 'pathfinder', got {start!r}")
     components = check_positive_int("components", components)
     importance = check_positive_int("importance", importance)
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    check_alpha(alpha)
     draws = num_particles // components
     if draws < importance or draws % importance:
         raise ValueError(

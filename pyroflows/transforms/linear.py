@@ -162,12 +162,12 @@ class CholeskyAffine(Flow):
             >>> torch.equal(layer.scale_tril(), tril), layer.bias.tolist()
             (True, [1.0, -1.0])
         """
-        diagonal = scale_tril.diagonal()
         if scale_tril.shape != (self.dim, self.dim) or bias.shape != (self.dim,):
             raise ValueError(
                 f"bias and scale_tril must have shapes ({self.dim},) and ({self.dim}, "
                 f"{self.dim}), got {tuple(bias.shape)} and {tuple(scale_tril.shape)}"
             )
+        diagonal = scale_tril.diagonal()
         if not bool((diagonal > 0).all()) or bool(scale_tril.triu(1).ne(0).any()):
             raise ValueError("scale_tril must be lower-triangular with a positive diagonal")
         self.bias.copy_(bias)
