@@ -11,6 +11,7 @@ from pyroflows.density import DensityEstimator
 from pyroflows.distributions import FlowDistribution
 from pyroflows.inference import (
     AutoFlow,
+    StratifiedELBO,
     decaying_adam,
     diagnostics,
     fit_reverse_kl,
@@ -28,6 +29,7 @@ __all__ = [
     "Flow",
     "FlowDistribution",
     "FlowStack",
+    "StratifiedELBO",
     "build",
     "decaying_adam",
     "diagnostics",

@@ -4,6 +4,7 @@
 """
 
 from pyroflows.inference import diagnostics, supports
+from pyroflows.inference.elbo import StratifiedELBO
 from pyroflows.inference.guides import AutoFlow
 from pyroflows.inference.optim import decaying_adam
 from pyroflows.inference.tempering import temper
@@ -11,6 +12,7 @@ from pyroflows.inference.vi import fit_reverse_kl, posterior_flow
 
 __all__ = [
     "AutoFlow",
+    "StratifiedELBO",
     "decaying_adam",
     "diagnostics",
     "fit_reverse_kl",

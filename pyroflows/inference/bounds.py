@@ -107,21 +107,22 @@ class FlowMixture(TorchDistribution):
             chosen = flat[picks[: shape.numel()], torch.arange(shape.numel())]
             return chosen.reshape(shape + self.event_shape)
 
+    def rsample_component(
+        self, k: int, sample_shape: torch.Size = torch.Size()
+    ) -> tuple[Tensor, Tensor]:
+        r"""Reparametrised draws of component ``k`` and the mixture's log-density
+        :math:`\log q(z)` at each: component ``k``'s own density from its forward pass,
+        the others' by one inverse pass each."""
+        z, own = self.components[k].rsample_and_log_prob(sample_shape)
+        terms = [own if j == k else other.log_prob(z) for j, other in enumerate(self.components)]
+        return z, torch.logsumexp(torch.stack(terms, -1) + self.logits.log_softmax(-1), -1)
+
     def rsample_stratified(self, n: int) -> tuple[Tensor, Tensor]:
         r"""``n`` reparametrised draws of every component, ``(K, n, D)``, and the mixture's
-        log-density :math:`\log q(z)` at each, ``(K, n)``: each component's own density
-        from its forward pass, the others' by one inverse pass each."""
-        draws, own = zip(*(c.rsample_and_log_prob((n,)) for c in self.components), strict=True)
-        z = torch.stack(draws)
-        log_weights = self.logits.log_softmax(-1)
-        rows = []
-        for k, component_draws in enumerate(draws):
-            terms = [
-                own[k] if j == k else other.log_prob(component_draws)
-                for j, other in enumerate(self.components)
-            ]
-            rows.append(torch.logsumexp(torch.stack(terms, -1) + log_weights, -1))
-        return z, torch.stack(rows)
+        log-density at each, ``(K, n)`` (:meth:`rsample_component`)."""
+        draws = [self.rsample_component(k, (n,)) for k in range(len(self.components))]
+        z, log_q = zip(*draws, strict=True)
+        return torch.stack(z), torch.stack(log_q)
 
 
 def stratified_bound(
@@ -146,20 +147,36 @@ def stratified_bound(
         >>> round(bound.item(), 5)  # q is the target: every bound is log Z = 0
         0.0
     """
-    check_alpha(alpha)
-    if importance < 1 or draws % importance:
-        raise ValueError(
-            f"importance must be a positive divisor of the draws per component ({draws}), "
-            f"got {importance!r}"
-        )
     z, log_q = q.rsample_stratified(draws)  # (K, n, D), (K, n)
     log_w = beta * log_density(z.reshape(-1, z.shape[-1])).reshape(log_q.shape) - log_q
-    log_pi = q.logits.log_softmax(-1).unsqueeze(-1)  # (K, 1)
+    return stratified_estimate(log_w, q.logits.log_softmax(-1), alpha=alpha, importance=importance)
+
+
+def stratified_estimate(
+    log_w: Tensor, log_weights: Tensor, *, alpha: float = 1.0, importance: int = 1
+) -> Tensor:
+    r"""The stratified Rényi bound :math:`\mathcal{L}_\alpha` (module doc) from the log
+    importance weights ``log_w`` ``(K, n)`` of ``n`` draws of each of ``K`` components, in
+    groups of ``importance``, and the log mixture weights :math:`\log \pi` ``(K,)``.
+
+    Example:
+        >>> import torch
+        >>> log_w = torch.tensor([[0.0, -2.0], [-1.0, -1.0]])
+        >>> half = torch.log(torch.tensor([0.5, 0.5]))
+        >>> float(stratified_estimate(log_w, half))  # sum_k pi_k mean_t log w_kt
+        -1.0
+    """
+    check_alpha(alpha)
+    if importance < 1 or log_w.shape[-1] % importance:
+        raise ValueError(
+            f"importance must be a positive divisor of the draws per component "
+            f"({log_w.shape[-1]}), got {importance!r}"
+        )
+    log_pi = log_weights.unsqueeze(-1)  # (K, 1)
     if alpha == 1:
         return (log_pi.exp() * log_w).sum(0).mean()
-    groups = log_w.reshape(len(q.components), -1, importance)  # (K, G, T)
-    scaled = (1 - alpha) * groups
-    inner = torch.logsumexp(scaled, -1) - math.log(importance)  # log mean_t w^(1-a), (K, G)
+    groups = log_w.reshape(len(log_w), -1, importance)  # (K, G, T)
+    inner = torch.logsumexp((1 - alpha) * groups, -1) - math.log(importance)  # (K, G)
     return (torch.logsumexp(inner + log_pi, 0) / (1 - alpha)).mean()
 
 

@@ -19,12 +19,13 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import get_plates
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import constraints, register_kl, transform_to
 
 from pyroflows._checks import check_positive_float, check_positive_int
 from pyroflows.distributions import FlowDistribution
-from pyroflows.inference.start import STARTS, GaussianStart, pathfinder
+from pyroflows.inference.bounds import FlowMixture
+from pyroflows.inference.start import STARTS, GaussianStart, distinct_starts
 from pyroflows.inference.vi import posterior_flow, whitened_posterior_flow
 from pyroflows.transforms import CholeskyAffine, Flow, FlowStack
 from pyroflows.transforms.registry import check_options
@@ -94,8 +95,20 @@ class AutoFlow(AutoContinuous):
       flows and an inverse pass for the others, and suits ``Trace_ELBO`` (not
       importance-weighted bounds such as ``RenyiELBO``).
 
+    ``components=K > 1`` makes the guide a mixture of ``K`` such flows with learned weights
+    (:attr:`weights`), :math:`q(z) = \sum_k \pi_k q_k(z)`, for posteriors with several
+    modes, which one flow trained by reverse KL covers only one of. Train it with
+    :class:`~pyroflows.StratifiedELBO`, which draws from every component each step
+    (:meth:`pinned`); another ELBO is refused. With a start, Pathfinder runs from the
+    initial point and ``2K - 1`` prior draws, and the components start at the best starts
+    at distinct modes (the best again, in turn, where there are fewer); with ``start=None``
+    at those points. Each component is a :class:`~pyroflows.FlowStack` in
+    ``guide.transforms``; :attr:`transform` and :meth:`get_transform` (NeuTra) are for one
+    flow only.
+
     Sampling and scoring a draw cost one forward pass of the flow, for planar and radial
-    flows too. Actnorm layers start at the identity like the rest (there is no data to
+    flows too (a mixture: one forward pass and an inverse pass per other component).
+    Actnorm layers start at the identity like the rest (there is no data to
     start them from).
     Device and dtype follow the model's tensors. Supports whose bounds depend on other
     latent sites (e.g. ``Uniform(0, 1 - a)``) are evaluated at each draw's own values, by
@@ -140,11 +153,17 @@ class AutoFlow(AutoContinuous):
         start: str | None = "pathfinder",
         warmup: int = 0,
         stl: bool = False,
+        components: int = 1,
         **options: Any,
     ) -> None:
         check_options(flow, options)  # an unknown family or option fails here, not at fit
         if start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        #: the number of flows in the mixture (1: one flow)
+        self.components = check_positive_int("components", components)
+        if stl and components > 1:
+            raise ValueError("stl=True is for one flow (components=1)")
+        self._pin: int | None = None  # the component draws come from (StratifiedELBO)
         self._start = start
         #: the :class:`~pyroflows.inference.start.GaussianStart` the guide started from
         #: (``start="pathfinder"``), set when the guide first runs
@@ -155,7 +174,8 @@ class AutoFlow(AutoContinuous):
         if not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
         self._warmup = warmup
-        self._stl = bool(stl)
+        #: whether draws are scored with the path-derivative (STL) gradient
+        self.stl = bool(stl)
         self._calls = 0  # guide calls that recorded gradients, for the warm-up
         super().__init__(model, init_loc_fn=init_loc_fn or init_to_median_or_feasible)
         self._unwrapped_model = (model,)  # a tuple, so that a PyroModule model is no submodule
@@ -180,9 +200,12 @@ class AutoFlow(AutoContinuous):
                     )
         init = self._init_loc()
         self._dependent = _sites_with_dependent_support(self.model, self.prototype_trace)
+        points = [init, *self._prior_points(init, args, kwargs)]
+        starts: list[GaussianStart] = []
         if self._start == "pathfinder":
+            log_joint = functools.partial(self._log_joint, args, kwargs)
             try:
-                self.start = pathfinder(functools.partial(self._log_joint, args, kwargs), init)
+                starts = distinct_starts(log_joint, points, self.components)
             except ValueError as error:  # e.g. an improper posterior: no Gaussian to start at
                 warnings.warn(
                     f"AutoFlow's pathfinder start failed ({error}); starting at the model's "
@@ -191,12 +214,42 @@ class AutoFlow(AutoContinuous):
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        if self.start is not None:
-            parts = whitened_posterior_flow(self._flow_name, self.start, **self._flow_options)
-        else:
-            parts = posterior_flow(self._flow_name, init, self._init_scale, **self._flow_options)
-        self.transform = FlowStack(parts)
+        self.start = starts[0] if starts else None
+        stacks = []
+        for k in range(self.components):
+            if starts:  # fewer distinct modes than components: the best ones again, in turn
+                parts = whitened_posterior_flow(
+                    self._flow_name, starts[k % len(starts)], **self._flow_options
+                )
+            else:
+                parts = posterior_flow(
+                    self._flow_name, points[k], self._init_scale, **self._flow_options
+                )
+            stacks.append(FlowStack(parts))
+        self.transforms = nn.ModuleList(stacks)
+        if self.components > 1:
+            self.logits = nn.Parameter(init.new_zeros(self.components))
         self.register_buffer("_base_loc", torch.zeros_like(init))  # follows .to(device)
+
+    def _prior_points(self, init: Tensor, args: tuple, kwargs: dict) -> list[Tensor]:
+        """``2 * components - 1`` more points to start components (or their paths) from:
+        draws of the prior, as unconstrained vectors (standard normal draws about ``init``
+        where the prior cannot be sampled); none for one component."""
+        if self.components == 1:
+            return []
+        points = []
+        for _ in range(2 * self.components - 1):
+            try:
+                with poutine.block():
+                    trace = poutine.trace(self._unwrapped_model[0]).get_trace(*args, **kwargs)
+                parts = [
+                    biject_to(site["fn"].support).inv(site["value"].detach()).reshape(-1)
+                    for _, site in trace.iter_stochastic_nodes()
+                ]
+                points.append(torch.cat(parts).to(init))
+            except NotImplementedError:  # an improper prior has no draws
+                points.append(init + torch.randn_like(init))
+        return points
 
     def _log_joint(self, args: tuple, kwargs: dict, latent: Tensor) -> Tensor:
         r"""The model's log-density of each unconstrained latent vector (rows of ``latent``):
@@ -243,6 +296,17 @@ class AutoFlow(AutoContinuous):
         return dist.Normal(self._base_loc, torch.ones_like(self._base_loc)).to_event(1)
 
     @property
+    def transform(self) -> FlowStack:
+        """The flow of the posterior (one component): :attr:`flow`, :attr:`gaussian` and,
+        with a start, :attr:`whitening`, in the order a draw passes them."""
+        if self.components > 1:
+            raise ValueError(
+                f"a mixture guide (components={self.components}) has one transform per "
+                "component: see guide.transforms"
+            )
+        return self.transforms[0]
+
+    @property
     def flow(self) -> Flow:
         """The family's flow: a plain :func:`~pyroflows.build`, whose ``state_dict`` loads
         into one."""
@@ -259,33 +323,75 @@ class AutoFlow(AutoContinuous):
         ``None``."""
         return self.transform[2] if len(self.transform) > 2 else None
 
+    @property
+    def weights(self) -> Tensor:
+        r"""The mixture weights :math:`\pi` (``components > 1``), a tensor of one 1 for one
+        flow."""
+        if self.components == 1:
+            return torch.ones_like(self._base_loc[:1])
+        return self.logits.softmax(-1)
+
+    @contextlib.contextmanager
+    def pinned(self, k: int) -> Iterator[None]:
+        """Within it, the guide draws from component ``k`` only, scored by the mixture's
+        density (how :class:`~pyroflows.StratifiedELBO` reaches every component)."""
+        if not 0 <= k < self.components:
+            raise ValueError(f"component must be in 0..{self.components - 1}, got {k!r}")
+        self._pin = k
+        try:
+            yield
+        finally:
+            self._pin = None
+
+    def _component_transform(self, k: int) -> Flow:
+        """Component ``k``'s flow: the family, then the Gaussian part and the whitening
+        (those alone during the warm-up)."""
+        stack = self.transforms[k]
+        if self._calls <= self._warmup and self._warmup > 0:
+            return FlowStack(list(stack)[1:]) if len(stack) > 2 else stack[1]
+        return stack
+
     def get_transform(self, *args: Any, **kwargs: Any) -> Flow:
         """The flow of the posterior: the family, then the Gaussian part and the whitening
-        (those alone during the warm-up)."""
-        warming = self._calls <= self._warmup and self._warmup > 0
-        if not warming:
-            return self.transform
-        return FlowStack(list(self.transform)[1:]) if self.whitening else self.transform[1]
+        (those alone during the warm-up). One flow only: a mixture has no single map (and
+        so no NeuTra warp)."""
+        if self.components > 1:
+            raise ValueError(
+                f"a mixture guide (components={self.components}) is no single transform; "
+                "NeuTraReparam needs components=1"
+            )
+        return self._component_transform(0)
 
-    def get_posterior(self, *args: Any, **kwargs: Any) -> FlowDistribution:
-        """The guide's distribution over the unconstrained latent vector."""
-        return FlowDistribution(self.get_base_dist(), self.get_transform(), stl=self._stl)
+    def get_posterior(self, *args: Any, **kwargs: Any) -> FlowDistribution | FlowMixture:
+        """The guide's distribution over the unconstrained latent vector: a flow, or a
+        :class:`~pyroflows.inference.bounds.FlowMixture` of ``components`` flows."""
+        flows = [
+            FlowDistribution(self.get_base_dist(), self._component_transform(k), stl=self.stl)
+            for k in range(self.components)
+        ]
+        return flows[0] if self.components == 1 else FlowMixture(flows, self.logits)
 
     def sample_latent(self, *args: Any, **kwargs: Any) -> Tensor:
         """Draw the unconstrained latent vector and its log-density in one forward pass.
 
         The draw is shaped by the enclosing plates (e.g. vectorised particles) and recorded
         at the auxiliary latent site as a :class:`~pyro.distributions.Delta` carrying its
-        log-density.
+        log-density. A mixture draws from the pinned component (:meth:`pinned`), else from
+        a component drawn by its weight (without gradient).
         """
         posterior = self.get_posterior(*args, **kwargs)
         plates = get_plates()
-        if plates:
-            batch = [1] * max(-frame.dim for frame in plates)
-            for frame in plates:
-                batch[frame.dim] = frame.size
-            posterior = posterior.expand(torch.Size(batch))
-        latent, log_q = posterior.rsample_and_log_prob()
+        batch = [1] * max((-frame.dim for frame in plates), default=0)
+        for frame in plates:
+            batch[frame.dim] = frame.size
+        shape = torch.Size(batch)
+        if isinstance(posterior, FlowDistribution):
+            latent, log_q = posterior.rsample_and_log_prob(shape)
+        elif self._pin is not None:
+            latent, log_q = posterior.rsample_component(self._pin, shape)
+        else:
+            latent = posterior.sample(shape)
+            log_q = posterior.log_prob(latent)
         site = dist.Delta(latent, log_density=log_q, event_dim=1)
         return pyro.sample(f"_{self._pyro_name}_latent", site, infer={"is_auxiliary": True})
 
@@ -304,6 +410,13 @@ class AutoFlow(AutoContinuous):
                 "once, while tracing; use warmup=0 with JitTrace_ELBO"
             )
         if torch.is_grad_enabled():
+            if self._pin is None and self.components > 1:
+                raise ValueError(
+                    f"AutoFlow(components={self.components}) is trained by "
+                    "pyroflows.StratifiedELBO, which draws from every component: another "
+                    "ELBO's gradient would miss the weights' part. To draw from it, call it "
+                    "under torch.no_grad() (as Predictive does)."
+                )
             self._calls += 1
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)

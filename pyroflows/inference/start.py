@@ -35,7 +35,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -303,3 +303,46 @@ def _elbo(log_density: LogDensity, loc: Tensor, scale_tril: Tensor, noise: Tenso
     values = log_density(z) - log_q
     mean = float(values.mean())
     return mean if math.isfinite(mean) else -math.inf
+
+
+def distinct_starts(
+    log_density: LogDensity, points: Sequence[Tensor], count: int, sds: float = 3.0
+) -> list[GaussianStart]:
+    """Up to ``count`` :func:`pathfinder` starts at distinct modes, best ELBO first: one
+    path from each of ``points``; a start joins unless its mean lies within ``sds``
+    standard deviations (Mahalanobis, under either start) of one already chosen. Paths
+    that fail are skipped, so the list may be shorter than ``count``; where every one
+    fails, the first failure's ``ValueError`` is raised.
+
+    Example:
+        >>> import torch
+        >>> modes = torch.tensor([[-3.0], [3.0]])
+        >>> log_p = lambda z: torch.logsumexp(-0.5 * (z.unsqueeze(-2) - modes).pow(2).sum(-1), -1)
+        >>> points = [torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([2.0])]
+        >>> sorted(round(float(s.loc)) for s in distinct_starts(log_p, points, 2))
+        [-3, 3]
+    """
+    found, failures = [], []
+    for point in points:
+        try:
+            found.append(pathfinder(log_density, point))
+        except ValueError as error:
+            failures.append(error)
+    if not found:
+        raise failures[0]
+    chosen: list[GaussianStart] = []
+    for candidate in sorted(found, key=lambda s: s.elbo, reverse=True):
+        if all(_apart(candidate, other, sds) for other in chosen):
+            chosen.append(candidate)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _apart(first: GaussianStart, second: GaussianStart, sds: float) -> bool:
+    """Whether each start's mean lies more than ``sds`` Mahalanobis units from the other's."""
+    gap = (first.loc - second.loc).unsqueeze(-1)
+    return all(
+        torch.linalg.solve_triangular(start.scale_tril, gap, upper=False).norm() > sds
+        for start in (first, second)
+    )

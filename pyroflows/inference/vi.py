@@ -19,7 +19,7 @@ from pyroflows.inference.bounds import (
     mixture_logits,
     stratified_bound,
 )
-from pyroflows.inference.start import STARTS, GaussianStart, pathfinder
+from pyroflows.inference.start import STARTS, GaussianStart, distinct_starts
 from pyroflows.transforms import CholeskyAffine, Flow, FlowStack
 from pyroflows.transforms.registry import build
 
@@ -117,7 +117,9 @@ def fit_reverse_kl(
     base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
     flows = []
     if start == "pathfinder":
-        for found in _distinct_starts(log_density, loc, init_scale, components):
+        paths = 4 * components if components > 1 else 1  # from points scattered about loc
+        points = [loc] + [loc + init_scale * torch.randn_like(loc) for _ in range(paths - 1)]
+        for found in distinct_starts(log_density, points, components):
             parts = whitened_posterior_flow(flow, found, **options)
             flows.append(FlowDistribution(base, FlowStack(parts), stl=stl))
     for _ in range(components - len(flows)):  # scattered about the initial point
@@ -216,38 +218,6 @@ def whitened_posterior_flow(
     whitening = CholeskyAffine(dim, trainable=False).to(**like)
     whitening.set(start.loc, start.scale_tril)
     return family, affine, whitening
-
-
-def _distinct_starts(
-    log_density: LogDensity, loc: Tensor, scale: float, count: int, tries: int = 4
-) -> list[GaussianStart]:
-    """Up to ``count`` Pathfinder starts at distinct modes, best ELBO first: from ``loc`` and
-    ``tries * count - 1`` points scattered about it (``scale`` times standard normal
-    draws), a start joins unless its mean lies within 3 standard deviations (Mahalanobis,
-    under either start) of one already chosen. Paths that fail are skipped."""
-    found = []
-    for k in range(tries * count if count > 1 else 1):
-        point = loc if k == 0 else loc + scale * torch.randn_like(loc)
-        try:
-            found.append(pathfinder(log_density, point))
-        except ValueError:
-            continue
-    chosen: list[GaussianStart] = []
-    for candidate in sorted(found, key=lambda s: s.elbo, reverse=True):
-        if all(_apart(candidate, other) for other in chosen):
-            chosen.append(candidate)
-        if len(chosen) == count:
-            break
-    return chosen
-
-
-def _apart(first: GaussianStart, second: GaussianStart, sds: float = 3.0) -> bool:
-    """Whether each start's mean lies more than ``sds`` Mahalanobis units from the other's."""
-    gap = (first.loc - second.loc).unsqueeze(-1)
-    return all(
-        torch.linalg.solve_triangular(start.scale_tril, gap, upper=False).norm() > sds
-        for start in (first, second)
-    )
 
 
 def _check_finite(not_finite: Tensor, step: int) -> None:
