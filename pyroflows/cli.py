@@ -27,7 +27,8 @@ from typing import Any
 import pandas as pd
 
 from pyroflows._io import check_destination, import_extra, write_atomically
-from pyroflows.density.estimator import DensityEstimator, density_families
+from pyroflows.density.estimator import OBJECTIVES, DensityEstimator, density_families
+from pyroflows.density.matching import COUPLINGS
 
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 MODEL_SUFFIXES = (".pt", ".pth")
@@ -144,6 +145,18 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--patience", type=int, default=30)
     fit.add_argument("--seed", type=int, default=None)
     fit.add_argument(
+        "--objective",
+        default="likelihood",
+        choices=OBJECTIVES,
+        help="maximum likelihood (every family) or flow matching (--flow cnf)",
+    )
+    fit.add_argument(
+        "--coupling",
+        default="independent",
+        choices=COUPLINGS,
+        help="flow matching: base draws and rows paired at random, or by minibatch OT",
+    )
+    fit.add_argument(
         "-o",
         "--option",
         type=_key_value,
@@ -217,6 +230,8 @@ def _fit(args: argparse.Namespace) -> int:
         lr=args.lr,
         patience=args.patience,
         seed=args.seed,
+        objective=args.objective,
+        coupling=args.coupling,
         progress=not args.quiet,
         support=dict(args.support),
         **dict(args.option),
@@ -229,10 +244,11 @@ def _fit(args: argparse.Namespace) -> int:
             f"{args.out!r} was created while fitting; pass --force to replace it"
         ) from None
     chosen = estimator.report.index[estimator.report["chosen"]][0]
+    unit = "nats per row" if args.objective == "likelihood" else "(flow matching)"
     print(
         f"fitted {estimator.flow_family} to {len(table)} rows x {table.shape[1]} columns in "
         f"{len(history)} "
-        f"epochs; best validation loss {history['valid_loss'].min():.4f} nats per row; "
+        f"epochs; best validation loss {history['valid_loss'].min():.4f} {unit}; "
         f"the model is the {chosen}; wrote {args.out}\n\n"
         f"validation log-likelihood, nats per row:\n{estimator.summary().to_string()}\n\n"
         f"column supports:\n{estimator.supports().to_string(index=False)}",

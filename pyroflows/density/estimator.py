@@ -13,12 +13,14 @@ import torch
 from torch import Tensor
 
 from pyroflows._checks import (
+    check_choice,
     check_non_negative_float,
     check_positive_float,
     check_positive_int,
 )
 from pyroflows._io import write_atomically
 from pyroflows.density.latent import Blend, FlowDensity, blend_weight
+from pyroflows.density.matching import COUPLINGS, MatchingObjective
 from pyroflows.density.mixture import GaussianMixture
 from pyroflows.density.schema import Column, Schema, check_values, infer_schema
 from pyroflows.density.selection import choose_mixture
@@ -33,6 +35,10 @@ FORMAT = "pyroflows.DensityEstimator/4"
 DRAWS = 4
 #: the families that ``flow="auto"`` trains, keeping the best on the validation rows
 AUTO = ("nsf", "realnvp", "maf")
+#: how a density estimator's flow may compute its inverse, which scores every row
+DENSITY_INVERSES = ("analytic", "integrated")
+#: the training objectives: maximum likelihood (every family), flow matching (``cnf``)
+OBJECTIVES = ("likelihood", "flow_matching")
 #: on more training rows than this, the families race: each trains ``RACE_EPOCHS`` epochs,
 #: and only the leader on the validation rows trains on
 RACE_ROWS = 16_384
@@ -136,6 +142,8 @@ class DensityEstimator:
         validation: float = 0.2,
         select: bool = True,
         compile: bool = False,
+        objective: str = "likelihood",
+        coupling: str = "independent",
         support: dict[Any, Any] | None = None,
         auto_support: bool = True,
         seed: int | None = None,
@@ -146,6 +154,13 @@ class DensityEstimator:
     ) -> None:
         for family in AUTO if flow == "auto" else [flow]:
             check_options(family, options)  # an unknown family or option fails here
+        check_choice("objective", objective, OBJECTIVES)
+        check_choice("coupling", coupling, COUPLINGS)
+        if objective == "flow_matching" and (flow != "cnf" or options.get("layers", 1) != 1):
+            raise ValueError(
+                "objective='flow_matching' trains one continuous flow: pass flow='cnf' "
+                f"(layers=1), not flow={flow!r}" + (" with layers > 1" if flow == "cnf" else "")
+            )
         self.family = flow
         self.options = options
         self.fit_options = {
@@ -160,6 +175,8 @@ class DensityEstimator:
             "validation": _fraction(validation),
             "select": bool(select),
             "compile": bool(compile),
+            "objective": objective,
+            "coupling": coupling,
         }
         self.support = support
         self.auto_support = bool(auto_support)
@@ -221,11 +238,11 @@ class DensityEstimator:
         families = list(AUTO) if self.family == "auto" else [self.family]
         for family in families:
             inverse = self._build_flow(family).inverse_method
-            if inverse != "analytic":
+            if inverse not in DENSITY_INVERSES:
                 raise ValueError(
                     f"flow family {family!r} has a {inverse} inverse; a density estimator "
                     f"scores data with the inverse on every step, so it needs an analytic "
-                    f"one-pass inverse: {', '.join(density_families())}"
+                    f"one-pass inverse (or an ODE's): {', '.join(density_families())}"
                 )
         dim = len(self.schema.columns)
         context_features = 0 if self.context_columns is None else len(self.context_columns)
@@ -344,6 +361,9 @@ class DensityEstimator:
         race = len(models) > 1 and len(train) > RACE_ROWS and options["epochs"] > RACE_EPOCHS
 
         def train_for(family: str, epochs: int, done: int = 0) -> pd.DataFrame:
+            objective = None
+            if self.fit_options["objective"] == "flow_matching":
+                objective = MatchingObjective(models[family], self.fit_options["coupling"])
             history = fit_max_likelihood(
                 models[family],
                 train,
@@ -352,6 +372,7 @@ class DensityEstimator:
                 description=f"fit {family}" + (" (race)" if race and not done else ""),
                 train_context=train_context,
                 valid_context=valid_context,
+                objective=objective,
                 **{**options, "epochs": epochs},
             )
             return history.assign(epoch=history["epoch"] + done)
@@ -379,7 +400,8 @@ class DensityEstimator:
 
     def _training_options(self, rows: int) -> dict[str, Any]:
         """The options of :func:`~pyroflows.density.training.fit_max_likelihood`."""
-        options = {k: v for k, v in self.fit_options.items() if k not in ("validation", "select")}
+        skip = ("validation", "select", "objective", "coupling")
+        options = {k: v for k, v in self.fit_options.items() if k not in skip}
         options["batch_size"] = options["batch_size"] or default_batch_size(rows)
         return options
 
@@ -746,13 +768,15 @@ def default_batch_size(rows: int) -> int:
 
 def density_families() -> list[str]:
     """The registered families a density estimator takes: those whose inverse (the density
-    direction) is one analytic pass.
+    direction) is one analytic pass, or an ODE solve (``cnf``).
 
     Example:
-        >>> "realnvp" in density_families(), "planar" in density_families()
-        (True, False)
+        >>> "realnvp" in density_families(), "cnf" in density_families()
+        (True, True)
+        >>> "planar" in density_families()  # its inverse is a root search
+        False
     """
-    return [name for name in list_flows() if build(name, 2).inverse_method == "analytic"]
+    return [name for name in list_flows() if build(name, 2).inverse_method in DENSITY_INVERSES]
 
 
 @torch.no_grad()

@@ -202,6 +202,15 @@ class TabularDensity(nn.Module):
         )
         return torch.where(self.discrete, torch.ceil(y) - 1, y)
 
+    def standardised(
+        self, y: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Raw rows ``y`` as the density of the standardised rows sees them in training
+        (discrete columns at fresh uniform noise), and the standardised ``context``."""
+        if self.has_discrete:
+            y = self.dequantise(y, torch.rand_like(y).clamp(EPS, 1 - EPS))
+        return self.standardise(self.to_real(y)[0])[0], self.scaled_context(context)
+
     def standardise(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """:math:`(x - \\mu) / \\sigma` and its log|det|."""
         return (x - self.mean) / self.scale, -self.scale.log().sum().expand(x.shape[:-1])

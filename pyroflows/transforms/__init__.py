@@ -6,6 +6,7 @@ Importing this package registers every built-in family.
 from pyroflows.transforms.actnorm import ActNorm, LocScale
 from pyroflows.transforms.autoregressive import Autoregressive, iaf, maf
 from pyroflows.transforms.base import Conditioned, Flow, FlowStack, Method, NotInvertibleError
+from pyroflows.transforms.cnf import CNF, cnf
 from pyroflows.transforms.coupling import Coupling, coupling_masks
 from pyroflows.transforms.elementwise import Affine, Elementwise, Inverted, Shift
 from pyroflows.transforms.glow import glow
@@ -16,6 +17,7 @@ from pyroflows.transforms.spline import RationalQuadratic, nsf, nsf_ar
 from pyroflows.transforms.sylvester import Sylvester, sylvester
 
 __all__ = [
+    "CNF",
     "ActNorm",
     "Affine",
     "Autoregressive",
@@ -35,6 +37,7 @@ __all__ = [
     "RationalQuadratic",
     "Shift",
     "Sylvester",
+    "cnf",
     "coupling_masks",
     "glow",
     "iaf",

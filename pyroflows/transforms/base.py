@@ -8,7 +8,8 @@ A flow layer is an invertible map :math:`f` on :math:`\mathbb{R}^d`. Each layer 
 so that :math:`\log|\det J_{f^{-1}}(y)| = -\log|\det J_f(x)|`, and declares how each
 direction is computed (``forward_method``, ``inverse_method``): ``"analytic"`` (closed
 form, one pass), ``"sequential"`` (closed form, one pass per dimension), ``"numerical"``
-(root finding, exact to the solver's tolerance) or ``"unavailable"``. Everything torch's
+(root finding, exact to the solver's tolerance), ``"integrated"`` (an ODE solve, exact to
+the solver's tolerance) or ``"unavailable"``. Everything torch's
 :class:`~torch.distributions.Transform` API asks for (``_call``, ``_inverse``,
 ``log_abs_det_jacobian``) derives from the two primitives, and nothing is cached: a result
 never outlives the parameters that produced it (Pyro's built-in flows cache the last
@@ -38,8 +39,8 @@ from pyro.distributions import TransformModule
 from torch import Tensor
 from torch.distributions import constraints
 
-Method = Literal["analytic", "sequential", "numerical", "unavailable"]
-METHODS: tuple[Method, ...] = ("analytic", "sequential", "numerical", "unavailable")
+Method = Literal["analytic", "sequential", "numerical", "integrated", "unavailable"]
+METHODS: tuple[Method, ...] = ("analytic", "sequential", "numerical", "integrated", "unavailable")
 
 
 class NotInvertibleError(RuntimeError):
