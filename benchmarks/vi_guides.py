@@ -14,6 +14,7 @@ and particles) in one run on one machine:
     SVI step.
 
     python benchmarks/vi_guides.py [--part energies|posteriors|both] [--steps N]
+        [--families realnvp nsf ...] [--components 3 ...] [--decay] [--anneal N]
 """
 
 from __future__ import annotations
@@ -64,9 +65,15 @@ def train(
     """Run SVI; return seconds per step. ``decay``: ClippedAdam, the rate falling tenfold
     over the steps, gradients clipped at norm 10 (else Adam at a constant rate).
     ``anneal > 0``: the likelihood tempered by ``pyroflows.temper``, beta rising linearly
-    from 0.01 to 1 over the first ``anneal`` steps."""
+    from 0.01 to 1 over the first ``anneal`` steps. A mixture guide (``components`` K > 1)
+    trains by ``pyroflows.StratifiedELBO`` with ``particles // K`` draws per component."""
     pyro.clear_param_store()
-    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=vectorize)
+    if isinstance(guide, pyroflows.AutoFlow) and guide.components > 1:
+        elbo = pyroflows.StratifiedELBO(
+            num_particles=max(1, particles // guide.components), vectorize_particles=vectorize
+        )
+    else:
+        elbo = Trace_ELBO(num_particles=particles, vectorize_particles=vectorize)
     if decay:
         optim = pyroflows.decaying_adam(steps, lr)
     else:
@@ -98,7 +105,8 @@ def energy_model(log_p: Callable[[torch.Tensor], torch.Tensor]):
 @torch.no_grad()
 def guide_kl(guide, log_p, log_z: float, n: int = 100_000) -> float:
     posterior = guide.get_posterior()
-    z = posterior.rsample((n,))  # Pyro's flows can score only their own cached samples
+    # Pyro's flows can score only their own cached samples; a FlowMixture has no rsample
+    z = posterior.rsample((n,)) if posterior.has_rsample else posterior.sample((n,))
     return (posterior.log_prob(z) - log_p(z)).mean().item() + log_z
 
 
@@ -116,6 +124,10 @@ def energies(args) -> pd.DataFrame:
         guides[f"pyro planar K={k}"] = partial(pyro_planar, k=k)
     for family in args.families:
         guides[f"pyroflows {family}"] = partial(pyroflows.AutoFlow, flow=family, stl=args.stl)
+        for k in args.components:
+            guides[f"pyroflows {family}, {k} components"] = partial(
+                pyroflows.AutoFlow, flow=family, components=k
+            )
     guides["pyro AutoIAFNormal"] = AutoIAFNormal
     guides["pyro AutoMultivariateNormal"] = AutoMultivariateNormal
     rows = []
@@ -217,7 +229,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--particles", type=int, default=None, help="default 64 / 1")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2, 8, 32])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[2, 8, 32])
     parser.add_argument("--energies", nargs="+", default=list(ENERGIES))
     parser.add_argument(
         "--families",
@@ -227,6 +239,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--anneal", type=int, default=0, help="energies: temper every guide over N steps"
+    )
+    parser.add_argument(
+        "--components",
+        type=int,
+        nargs="*",
+        default=[],
+        help="energies: each family also as a mixture guide of K flows (StratifiedELBO)",
     )
     parser.add_argument(
         "--decay",

@@ -109,7 +109,8 @@ def three_blobs_log_density(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "coupling", ["independent", pytest.param("ot", marks=pytest.mark.slow)]  # OT: 17 s
+    "coupling",
+    ["independent", pytest.param("ot", marks=pytest.mark.slow)],  # OT: 17 s
 )
 def test_flow_matching_reaches_the_exact_density_of_a_mixture(coupling):
     estimator = pyroflows.DensityEstimator(

@@ -194,9 +194,9 @@ def test_pyproject_declares_the_extras():
     assert extras["parquet"] == {"pyarrow"}
     assert extras["baselines"] == {"scikit-learn"}
     assert extras["demo"] == {"scikit-learn", "matplotlib"}
-    assert (
-        extras["all"] == extras["plot"] | extras["parquet"] | extras["baselines"] | extras["demo"]
-    )
+    assert extras["cnf"] == {"torchdiffeq"}
+    parts = ("plot", "parquet", "baselines", "demo", "cnf")
+    assert extras["all"] == set().union(*(extras[name] for name in parts))
     assert extras["test"] >= extras["all"] | {"pytest", "hypothesis", "ruff"}
 
 

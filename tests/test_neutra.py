@@ -37,6 +37,8 @@ from pyroflows.transforms import Flow, FlowStack, NotInvertibleError, registry
 FORWARD = {name: pyroflows.build(name, 3).forward_method for name in pyroflows.list_flows()}
 ANALYTIC = sorted(name for name, method in FORWARD.items() if method == "analytic")
 SEQUENTIAL = sorted(name for name, method in FORWARD.items() if method == "sequential")
+# an ODE solve per evaluation (cnf): its density check runs in CI's slow set, and no chain
+INTEGRATED = sorted(name for name, method in FORWARD.items() if method == "integrated")
 NUM_SAMPLES = 250
 # The default run chains NUTS for one family of each forward kind; CI's slow run (pytest -m
 # slow) chains it for every family (the density check below runs for all in both). NUTS in
@@ -137,14 +139,18 @@ def neutra_draws(guide: pyroflows.AutoFlow, model: Model, y: Tensor) -> dict[str
 
 
 def test_every_family_has_a_forward_that_neutra_can_use():
-    """Every family registered at collection has a closed-form forward, so the
-    parametrisations below cover them all: one with a numerical forward or none would need
-    its own NeuTra test, and a line in docs/inference.md. (Tests register families of
-    their own at run time; those are not NeuTra's concern.)"""
-    assert set(FORWARD.values()) <= {"analytic", "sequential"}, FORWARD
+    """Every family registered at collection has a closed-form forward or an integrated
+    one (an ODE solve, cnf: documented in docs/inference.md), so the parametrisations below
+    cover them all: one with a numerical forward or none would need its own NeuTra test,
+    and a line in docs/inference.md. (Tests register families of their own at run time;
+    those are not NeuTra's concern.)"""
+    assert set(FORWARD.values()) <= {"analytic", "sequential", "integrated"}, FORWARD
 
 
-@pytest.mark.parametrize("name", ANALYTIC + SEQUENTIAL)
+@pytest.mark.parametrize(
+    "name",
+    ANALYTIC + SEQUENTIAL + [pytest.param(n, marks=pytest.mark.slow) for n in INTEGRATED],
+)
 def test_neutra_density_is_the_model_pulled_back_through_the_guide(name, device):
     r"""At any point :math:`z` of NeuTra's space, the log-density of the reparametrised
     model is :math:`\log p(c(T z)) + \log|\det J_c| + \log|\det J_T(z)|`, with :math:`T`

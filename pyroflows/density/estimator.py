@@ -242,7 +242,7 @@ class DensityEstimator:
                 raise ValueError(
                     f"flow family {family!r} has a {inverse} inverse; a density estimator "
                     f"scores data with the inverse on every step, so it needs an analytic "
-                    f"one-pass inverse (or an ODE's): {', '.join(density_families())}"
+                    f"one-pass inverse (or an ODE solve): {', '.join(density_families())}"
                 )
         dim = len(self.schema.columns)
         context_features = 0 if self.context_columns is None else len(self.context_columns)

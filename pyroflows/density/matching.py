@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from pyroflows.transforms import CNF, Flow, FlowStack
@@ -96,6 +95,8 @@ def ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
         >>> ot_pairing(x0, torch.tensor([[9.0], [1.0]])).tolist()
         [1, 0]
     """
+    from scipy.optimize import linear_sum_assignment  # scipy comes with arviz
+
     cost = torch.cdist(x1.detach(), x0.detach()).square().cpu().numpy()
     rows, columns = linear_sum_assignment(cost)
     order = np.empty_like(columns)
