@@ -20,6 +20,7 @@ FIGURES = {
     "03_tabular_density": ["03_anomaly_scores.png", "03_samples.png"],
     "04_your_own_family": ["04_sinh_arcsinh.png"],
     "05_neutra": ["05_funnel.png"],
+    "06_flow_matching": ["06_path.png"],
 }
 
 

@@ -39,6 +39,8 @@ AUTO = ("nsf", "realnvp", "maf")
 DENSITY_INVERSES = ("analytic", "integrated")
 #: the training objectives: maximum likelihood (every family), flow matching (``cnf``)
 OBJECTIVES = ("likelihood", "flow_matching")
+#: the fewest steps an epoch of flow matching takes (rows repeated on small tables)
+MATCHING_STEPS = 32
 #: on more training rows than this, the families race: each trains ``RACE_EPOCHS`` epochs,
 #: and only the leader on the validation rows trains on
 RACE_ROWS = 16_384
@@ -360,17 +362,26 @@ class DensityEstimator:
         options = self._training_options(len(train))
         race = len(models) > 1 and len(train) > RACE_ROWS and options["epochs"] > RACE_EPOCHS
 
+        matching = self.fit_options["objective"] == "flow_matching"
+        rows, contexts = train, train_context
+        if matching:
+            # Each step draws fresh base points and times, so an epoch may see a row more
+            # than once: at least MATCHING_STEPS steps an epoch, whatever the table's size.
+            copies = -(-MATCHING_STEPS * options["batch_size"] // len(train))
+            rows = train.repeat(copies, 1)
+            contexts = None if train_context is None else train_context.repeat(copies, 1)
+
         def train_for(family: str, epochs: int, done: int = 0) -> pd.DataFrame:
             objective = None
-            if self.fit_options["objective"] == "flow_matching":
+            if matching:
                 objective = MatchingObjective(models[family], self.fit_options["coupling"])
             history = fit_max_likelihood(
                 models[family],
-                train,
+                rows,
                 valid,
                 progress=self.progress,
                 description=f"fit {family}" + (" (race)" if race and not done else ""),
-                train_context=train_context,
+                train_context=contexts,
                 valid_context=valid_context,
                 objective=objective,
                 **{**options, "epochs": epochs},

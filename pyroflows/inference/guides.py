@@ -82,7 +82,8 @@ class AutoFlow(AutoContinuous):
     worse optimum than the Gaussian it contains:
 
     * ``warmup=n`` leaves the flow out (at its identity start) for the first ``n`` guide
-      calls that record gradients (SVI steps, with one particle or vectorised particles),
+      calls that record gradients (SVI steps, with one particle or vectorised particles;
+      a mixture under :class:`~pyroflows.StratifiedELBO`: ``components`` calls a step),
       so that :math:`\mu, L` first fit the best Gaussian; the flow then refines it. Its
       parameters get no gradient until then (not a zero one), so an optimiser starts their
       state at the release: Adam's first steps are then as small as at any start, where
