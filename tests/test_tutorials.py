@@ -24,7 +24,15 @@ FIGURES = {
 }
 
 
-@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+# The two longest run in CI's slow set (pytest -m slow), to keep the default run in budget.
+SLOW = {"02_variational_inference", "05_neutra"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in TUTORIALS],
+    ids=[p.stem for p in TUTORIALS],
+)
 def test_tutorial_runs_and_writes_its_figures_where_it_is_told(path, tmp_path):
     assert path.stem in FIGURES, f"list the figures of {path.name} in FIGURES"
     out = tmp_path / "figures"  # not there yet: the tutorial makes it

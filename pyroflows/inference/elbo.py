@@ -107,9 +107,9 @@ class StratifiedELBO(ELBO):
                     if site["type"] == "sample":
                         log_w = log_w + sign * torch_sum(site["log_prob"], sum_dims)
             particles.append(log_w)
-        if self.vectorize_particles:
-            return particles[0].reshape(-1)
-        return torch.stack([torch.as_tensor(p).reshape(()) for p in particles])
+        if self.vectorize_particles:  # one trace, the particles along its leftmost dim
+            return torch.as_tensor(particles[0]).reshape(self.num_particles, -1).sum(-1)
+        return torch.stack([torch.as_tensor(p).sum() for p in particles])
 
     def differentiable_loss(
         self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any

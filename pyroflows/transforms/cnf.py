@@ -166,7 +166,7 @@ class CNF(Flow):
                 "adjoint=True cannot pass a gradient to the context; use adjoint=False"
             )
         probe = None if self._exact_trace() else self._draw_probe(start)
-        dynamics = _Dynamics(self.field, context, probe, create_graph=torch.is_grad_enabled())
+        dynamics = _Dynamics(self.field, context, probe)
         times = torch.tensor([t0, t1], device=start.device, dtype=start.dtype)
         state = (start, start.new_zeros(start.shape[:-1]))
         z, integral = _odeint(self.adjoint)(dynamics, state, times, **self._solver_options(start))
@@ -193,23 +193,23 @@ class _Dynamics(nn.Module):
     \\partial v / \\partial z)`, for torchdiffeq (a module, so its adjoint finds the
     parameters)."""
 
-    def __init__(
-        self, field: VectorField, context: Tensor | None, probe: Tensor | None, create_graph: bool
-    ) -> None:
+    def __init__(self, field: VectorField, context: Tensor | None, probe: Tensor | None) -> None:
         super().__init__()
         self.field = field
         self.context = context
         self.probe = probe
-        self.create_graph = create_graph
 
     def forward(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        # A graph only where the caller records one: not in scoring, nor in the forward solve
+        # of the adjoint method (torchdiffeq runs it without gradient; its backward with).
+        create_graph = torch.is_grad_enabled()
         z = state[0]
         with torch.enable_grad():
             if not z.requires_grad:  # scoring without gradient still needs dv/dz
                 z = z.detach().requires_grad_(True)
             velocity = self.field(z, t, self.context)
-            divergence = _divergence(velocity, z, self.probe, self.create_graph)
-        if not self.create_graph:
+            divergence = _divergence(velocity, z, self.probe, create_graph)
+        if not create_graph:
             velocity, divergence = velocity.detach(), divergence.detach()
         return velocity, divergence
 
