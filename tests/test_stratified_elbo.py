@@ -12,6 +12,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Predictive, RenyiELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoDiscreteParallel
+from test_bounds import mode_shares  # the tests' folder is on the path (pytest's rootdir)
 
 import pyroflows
 from pyroflows import AutoFlow, StratifiedELBO
@@ -31,11 +32,6 @@ def mixture_model(dim: int, weights: torch.Tensor, device: torch.device):
         pyro.factor("modes", modes.log_prob(z))
 
     return model, means
-
-
-def mode_shares(draws: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    nearest = torch.cdist(draws, means).argmin(-1)
-    return torch.bincount(nearest, minlength=len(means)).double() / len(draws)
 
 
 @pytest.mark.parametrize(
