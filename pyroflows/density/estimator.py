@@ -105,6 +105,12 @@ class DensityEstimator:
     ``compile=True`` compiles the training step with :func:`torch.compile` (tens of seconds
     once, then faster steps; worth it for long fits).
 
+    ``objective="likelihood"`` (the default) trains by maximum likelihood;
+    ``objective="flow_matching"`` trains the one continuous flow of ``flow="cnf"`` by flow
+    matching (:mod:`pyroflows.density.matching`; ``coupling="ot"`` pairs base draws and
+    rows by minibatch optimal transport), with early stopping on the validation rows'
+    flow-matching loss. Either way the scores are exact log-likelihoods.
+
     Conditional densities :math:`p(y \mid c)`: ``fit(data, context=ctx)`` with one numeric
     context row per data row (same input types) builds the family's conditional form
     (``context=`` in :func:`~pyroflows.build`; every built-in family has one) on
