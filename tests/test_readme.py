@@ -47,7 +47,16 @@ def python_blocks() -> list[tuple[str, str]]:
 BLOCKS = python_blocks()
 
 
-@pytest.mark.parametrize("code", [c for _, c in BLOCKS], ids=[n for n, _ in BLOCKS])
+# Examples that train a model (5 to 15 s each) run in CI's slow set (pytest -m slow), to
+# keep the default run within its ten minutes; the others run in both.
+TRAINS = re.compile(r"svi\.step|\.fit\(|fit_reverse_kl\(|MCMC\(")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [pytest.param(c, marks=pytest.mark.slow) if TRAINS.search(c) else c for _, c in BLOCKS],
+    ids=[n for n, _ in BLOCKS],
+)
 def test_documentation_examples_run(code, tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
