@@ -25,7 +25,7 @@ from pyroflows.density.mixture import GaussianMixture
 from pyroflows.density.schema import Column, Schema, check_values, infer_schema
 from pyroflows.density.selection import choose_mixture
 from pyroflows.density.tabular import EPS, TabularDensity
-from pyroflows.density.training import fit_max_likelihood
+from pyroflows.density.training import fit_max_likelihood, repeated
 from pyroflows.transforms import Flow
 from pyroflows.transforms.registry import build, check_options, list_flows
 
@@ -373,9 +373,8 @@ class DensityEstimator:
         if matching:
             # Each step draws fresh base points and times, so an epoch may see a row more
             # than once: at least MATCHING_STEPS steps an epoch, whatever the table's size.
-            copies = -(-MATCHING_STEPS * options["batch_size"] // len(train))
-            rows = train.repeat(copies, 1)
-            contexts = None if train_context is None else train_context.repeat(copies, 1)
+            least = MATCHING_STEPS * options["batch_size"]
+            rows, contexts = repeated(train, train_context, least)
 
         def train_for(family: str, epochs: int, done: int = 0) -> pd.DataFrame:
             objective = None

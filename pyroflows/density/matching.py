@@ -112,8 +112,6 @@ class MatchingObjective(nn.Module):
 
     def __init__(self, model: nn.Module, coupling: str = "independent") -> None:
         super().__init__()
-        if coupling not in COUPLINGS:
-            raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         self.model = model
         self.field = matched_field(model.density.flow)
         self.coupling = coupling

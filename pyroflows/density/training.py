@@ -105,10 +105,13 @@ def fit_max_likelihood(
             return -model.log_prob(batch).mean()
         return -model.log_prob(batch, context).mean()
 
+    if objective is not None:  # each validation row repeated once, not every epoch
+        draws, draws_context = repeated(valid, valid_context, VALIDATION_DRAWS)
+
     def validate() -> float:
         if objective is None:
             return evaluate(model, valid, batch_size, valid_context)
-        return _fixed_draws(objective, valid, batch_size, valid_context)
+        return _fixed_draws(objective, draws, batch_size, draws_context)
 
     step_loss = torch.compile(batch_loss) if compile else batch_loss
     full_batches_only = compile and len(train) >= batch_size
@@ -192,12 +195,7 @@ def _fixed_draws(
     context: Tensor | None,
 ) -> float:
     """The mean of a stochastic ``objective`` over ``data``, with the same draws at every
-    call (torch's generators forked and seeded; the caller's are left as they were), each
-    row repeated so that at least :data:`VALIDATION_DRAWS` draws are averaged: on a table
-    of 36 validation rows, one draw each leaves an estimate too noisy to stop on."""
-    copies = -(-VALIDATION_DRAWS // len(data))
-    data = data.repeat(copies, 1)
-    context = None if context is None else context.repeat(copies, 1)
+    call (torch's generators forked and seeded; the caller's are left as they were)."""
     devices = [data.device] if data.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
@@ -206,3 +204,18 @@ def _fixed_draws(
         total = sum(objective(c, k) * len(c) for c, k in zip(chunks, contexts, strict=True))
     value = float(total) / len(data)
     return value if math.isfinite(value) else math.inf
+
+
+def repeated(data: Tensor, context: Tensor | None, least: int) -> tuple[Tensor, Tensor | None]:
+    """``data`` (and its ``context``, one row per row) repeated to at least ``least`` rows,
+    for objectives that draw afresh at every row: a validation loss averaged over
+    :data:`VALIDATION_DRAWS` draws (one draw of each of 36 validation rows is too noisy to
+    stop on), or flow matching's epochs of at least 32 steps.
+
+    Example:
+        >>> rows, context = repeated(torch.arange(3.0).unsqueeze(-1), None, 7)
+        >>> rows.squeeze(-1).tolist(), context
+        ([0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0, 2.0], None)
+    """
+    copies = -(-least // len(data))
+    return data.repeat(copies, 1), None if context is None else context.repeat(copies, 1)
