@@ -31,6 +31,11 @@ undeclared column is real except booleans, which stay in :math:`(0, 2)`. A decla
 (``"real"``, ``"positive"`` or a ``(low, high)`` pair) wins, and is checked against the
 values; a boolean's cannot be declared. Each :class:`Column` says in ``reason`` why it got
 its support; :meth:`Schema.table` lists them all (the fit report shows it).
+
+The decision needs only each column's dtype, smallest and largest value
+(:class:`ColumnStats`): :func:`infer_schema` computes them from a frame,
+:func:`schema_from_stats` takes them from a reader that streams a table too large to load
+(:mod:`pyroflows.density.streaming`), and both decide by the same code.
 """
 
 from __future__ import annotations
@@ -119,6 +124,29 @@ class Schema:
         return pd.DataFrame(rows, columns=["column", "dtype", "discrete", "support", "reason"])
 
 
+@dataclass(frozen=True)
+class ColumnStats:
+    """What the support of a column is decided from: its name, its pandas ``dtype`` (as
+    pandas reads the column: ``"float64"``, ``"int64"``, ``"bool"``, ...), and its smallest
+    and largest value as float64 numbers (booleans as 0 and 1).
+
+    Example:
+        >>> ColumnStats.of(pd.Series([3, 0, 7], name="visits"))
+        ColumnStats(name='visits', dtype='int64', minimum=0.0, maximum=7.0)
+    """
+
+    name: Any
+    dtype: str
+    minimum: float
+    maximum: float
+
+    @classmethod
+    def of(cls, values: pd.Series) -> ColumnStats:
+        """The statistics of one column of finite numbers (:func:`check_values` first)."""
+        numbers = values.to_numpy(dtype=np.float64)
+        return cls(values.name, str(values.dtype), float(numbers.min()), float(numbers.max()))
+
+
 def infer_schema(
     frame: pd.DataFrame, source: str, support: dict[Any, Any] | None, auto_support: bool
 ) -> Schema:
@@ -129,7 +157,10 @@ def infer_schema(
     the support its values show (booleans :math:`(0, 2)`, counts positive, floats in
     :math:`[0, 1]` an interval, floats :math:`> 0` positive, floats :math:`\ge 0` with zeros
     :math:`(-\text{MARGIN}\,M, \text{FAR}\,M)`, the rest real), so that every training value
-    lies strictly inside it; without, every column but the booleans is real.
+    lies strictly inside it; without, every column but the booleans is real. The decision
+    needs only each column's dtype, minimum and maximum: this checks the values and hands
+    those (:class:`ColumnStats`) to :func:`schema_from_stats`, which a streaming reader
+    calls with the statistics of a file too large to load.
 
     Raises:
         ValueError: for an empty table, non-finite values, fewer than 4 rows, a constant
@@ -154,58 +185,87 @@ def infer_schema(
         visits: positive (integer, every value >= 0: dequantised above 0)
         member: (0, 2) (boolean: 0 or 1, dequantised into (0, 2), split by its frequency)
     """
+    _check_support_names(support, list(frame.columns))
+    check_values(frame)
+    stats = [ColumnStats.of(frame[name]) for name in frame.columns]
+    return schema_from_stats(stats, len(frame), source, support, auto_support, frame.index.name)
+
+
+def schema_from_stats(
+    stats: list[ColumnStats],
+    rows: int,
+    source: str,
+    support: dict[Any, Any] | None,
+    auto_support: bool,
+    index_name: Any = None,
+) -> Schema:
+    """Decide each column's support from its statistics over ``rows`` finite values (the
+    rules of :func:`infer_schema`, which calls this; the same errors, but for the checks of
+    the values themselves, which are the caller's).
+
+    Example:
+        >>> stats = [ColumnStats("share", "float64", 0.0, 0.9)]
+        >>> stats.append(ColumnStats("visits", "int64", 1.0, 9.0))
+        >>> for column in schema_from_stats(stats, 10**9, "frame", None, True).columns:
+        ...     print(f"{column.name}: {column.support} ({column.reason})")
+        share: (-1e-05, 1) (float, every value in [0, 1], some at 0: widened by 1e-05 there)
+        visits: positive (integer, every value >= 0: dequantised above 0)
+    """
     support = dict(support or {})
-    unknown = [key for key in support if key not in frame.columns]
+    _check_support_names(support, [column.name for column in stats])
+    if rows < 4:
+        raise ValueError(
+            f"a density estimator needs at least 4 rows to fit and validate, got {rows}"
+        )
+    return Schema([_column(column, support, auto_support) for column in stats], source, index_name)
+
+
+def _check_support_names(support: dict[Any, Any] | None, names: list[Any]) -> None:
+    unknown = [key for key in support or {} if key not in names]
     if unknown:
         raise ValueError(f"support names columns that are not in the data: {unknown}")
-    check_values(frame)
-    if len(frame) < 4:
+
+
+def _column(stats: ColumnStats, support: dict[Any, Any], auto_support: bool) -> Column:
+    """The :class:`Column` of one column's statistics (the rules of the module doc)."""
+    name, dtype = stats.name, pd.api.types.pandas_dtype(stats.dtype)
+    is_bool = pd.api.types.is_bool_dtype(dtype)
+    discrete = is_bool or pd.api.types.is_integer_dtype(dtype)
+    if stats.minimum == stats.maximum:
         raise ValueError(
-            f"a density estimator needs at least 4 rows to fit and validate, got {len(frame)}"
+            f"column {name!r} is constant (every value is {stats.minimum!r}): its density is "
+            "a point mass, which no flow can model; drop the column"
         )
-    columns = []
-    for name in frame.columns:
-        values = frame[name]
-        is_bool = pd.api.types.is_bool_dtype(values)
-        discrete = is_bool or pd.api.types.is_integer_dtype(values)
-        numbers = values.to_numpy(dtype=np.float64)
-        if numbers.min() == numbers.max():
+    column = Column(name=name, dtype=stats.dtype, discrete=discrete)
+    declared = support.get(name)
+    if is_bool:
+        if declared is not None:
             raise ValueError(
-                f"column {name!r} is constant (every value is {numbers[0]!r}): its density is "
-                "a point mass, which no flow can model; drop the column"
+                f"column {name!r} is boolean: its values are False and True, and its "
+                f"support cannot be declared (got {declared!r}); drop it from support"
             )
-        column = Column(name=name, dtype=str(values.dtype), discrete=discrete)
-        declared = support.get(name)
-        if is_bool:
-            if declared is not None:
-                raise ValueError(
-                    f"column {name!r} is boolean: its values are False and True, and its "
-                    f"support cannot be declared (got {declared!r}); drop it from support"
-                )
-            column.kind, column.low, column.high = "interval", 0.0, 2.0
-            column.reason = "boolean: 0 or 1, dequantised into (0, 2), split by its frequency"
-        elif declared is not None:
-            _declare(column, declared, numbers)
-        elif not auto_support:
-            column.reason = "auto_support=False"
-        elif discrete:
-            _infer_integer(column, numbers)
-        else:
-            _infer_float(column, numbers)
-        columns.append(column)
-    return Schema(columns, source, frame.index.name)
+        column.kind, column.low, column.high = "interval", 0.0, 2.0
+        column.reason = "boolean: 0 or 1, dequantised into (0, 2), split by its frequency"
+    elif declared is not None:
+        _declare(column, declared, stats.minimum, stats.maximum)
+    elif not auto_support:
+        column.reason = "auto_support=False"
+    elif discrete:
+        _infer_integer(column, stats.minimum)
+    else:
+        _infer_float(column, stats.minimum, stats.maximum)
+    return column
 
 
-def _infer_integer(column: Column, numbers: np.ndarray) -> None:
-    if numbers.min() >= 0:
+def _infer_integer(column: Column, low: float) -> None:
+    if low >= 0:
         column.kind = "positive"
         column.reason = "integer, every value >= 0: dequantised above 0"
     else:
         column.reason = "real: integer with negative values"
 
 
-def _infer_float(column: Column, numbers: np.ndarray) -> None:
-    low, high = float(numbers.min()), float(numbers.max())
+def _infer_float(column: Column, low: float, high: float) -> None:
     if low < 0:
         column.reason = "real: takes negative values"
         return
@@ -232,9 +292,10 @@ def _infer_float(column: Column, numbers: np.ndarray) -> None:
         )
 
 
-def _declare(column: Column, declared: Any, numbers: np.ndarray) -> None:
-    r"""Give ``column`` its declared support, checking that every value (for a discrete
-    column, :math:`y + u` for every :math:`u \in (0, 1)`) lies strictly inside it."""
+def _declare(column: Column, declared: Any, least: float, most: float) -> None:
+    r"""Give ``column`` its declared support, checking that every value, from ``least`` to
+    ``most`` (for a discrete column, :math:`y + u` for every :math:`u \in (0, 1)`), lies
+    strictly inside it."""
     name = column.name
     column.reason = "declared"
     if declared in ("real", "positive"):
@@ -249,21 +310,20 @@ def _declare(column: Column, declared: Any, numbers: np.ndarray) -> None:
             f"support of column {name!r} must be 'real', 'positive' or a (low, high) pair, "
             f"got {declared!r}"
         )
-    top = numbers.max() + (1 if column.discrete else 0)
-    if column.kind == "positive" and numbers.min() < (0 if column.discrete else 1e-300):
+    top = most + (1 if column.discrete else 0)
+    if column.kind == "positive" and least < (0 if column.discrete else 1e-300):
         raise ValueError(f"column {name!r} is declared positive but has values <= 0")
     # a continuous value on an end would have density 0 (logit of 0 or 1); a discrete k is
     # read in (k, k + 1), inside the interval when low <= k and k + 1 <= high
     outside = (
-        numbers.min() < column.low or top > column.high
+        least < column.low or top > column.high
         if column.discrete
-        else numbers.min() <= column.low or top >= column.high
+        else least <= column.low or top >= column.high
     )
     if column.kind == "interval" and outside:
         raise ValueError(
             f"column {name!r} is declared in ({column.low}, {column.high}) but its values "
-            f"span [{numbers.min()}, {numbers.max()}]"
-            + (" (dequantised up to max + 1)" if column.discrete else "")
+            f"span [{least}, {most}]" + (" (dequantised up to max + 1)" if column.discrete else "")
         )
 
 

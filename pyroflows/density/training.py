@@ -9,8 +9,10 @@ has not improved for ``patience`` epochs, and restores the best weights seen.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -26,6 +28,8 @@ from pyroflows.distributions import FlowDistribution
 
 #: the fewest draws a stochastic validation objective is averaged over (rows repeated)
 VALIDATION_DRAWS = 4096
+#: a mean loss over rows, given their context (``None`` for an unconditional model)
+Loss = Callable[[Tensor, Tensor | None], Tensor]
 
 
 def fit_max_likelihood(
@@ -44,7 +48,7 @@ def fit_max_likelihood(
     description: str = "fit",
     train_context: Tensor | None = None,
     valid_context: Tensor | None = None,
-    objective: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+    objective: Loss | None = None,
 ) -> pd.DataFrame:
     r"""Fit ``model`` to ``train`` by minibatch Adam; return the history per epoch.
 
@@ -96,14 +100,10 @@ def fit_max_likelihood(
     check_non_negative_float("tolerance", tolerance)
     flow = model.transform if isinstance(model, FlowDistribution) else model
     params = [p for p in flow.parameters() if p.requires_grad]
-    optimiser = torch.optim.Adam(params, lr=lr, fused=True)
-
-    def batch_loss(batch: Tensor, context: Tensor | None) -> Tensor:
-        if objective is not None:
-            return objective(batch, context)
-        if context is None:
-            return -model.log_prob(batch).mean()
-        return -model.log_prob(batch, context).mean()
+    optimiser = adam(params, lr)
+    step = training_step(
+        objective or negative_log_likelihood(model), params, optimiser, clip, compile=compile
+    )
 
     if objective is not None:  # each validation row repeated once, not every epoch
         draws, draws_context = repeated(valid, valid_context, VALIDATION_DRAWS)
@@ -113,7 +113,6 @@ def fit_max_likelihood(
             return evaluate(model, valid, batch_size, valid_context)
         return _fixed_draws(objective, draws, batch_size, draws_context)
 
-    step_loss = torch.compile(batch_loss) if compile else batch_loss
     full_batches_only = compile and len(train) >= batch_size
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, factor=0.5, patience=max(1, patience // 3)
@@ -128,12 +127,7 @@ def fit_max_likelihood(
             if full_batches_only and len(index) < batch_size:
                 break
             context = None if train_context is None else train_context[index]
-            loss = step_loss(train[index], context)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, clip)
-            optimiser.step()
-            total += loss.detach() * len(index)
+            total += step(train[index], context) * len(index)
             seen += len(index)
         valid_loss = validate()
         train_loss = (total / seen).item()
@@ -152,6 +146,70 @@ def fit_max_likelihood(
     flow.load_state_dict(best_state)
     flow.eval()
     return pd.DataFrame(rows, columns=["epoch", "train_loss", "valid_loss", "lr"])
+
+
+def negative_log_likelihood(model: FlowDistribution | nn.Module) -> Loss:
+    """The loss ``(rows, context) -> -mean log p(rows | context)`` of ``model``."""
+
+    def loss(rows: Tensor, context: Tensor | None) -> Tensor:
+        if context is None:
+            return -model.log_prob(rows).mean()
+        return -model.log_prob(rows, context).mean()
+
+    return loss
+
+
+def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam over ``params``, fused (one kernel for all of them) on the devices that have a
+    fused kernel, and ``foreach`` elsewhere (e.g. the ``meta`` device)."""
+    fused = all(p.device.type in _fused_devices() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def training_step(
+    loss: Callable[..., Tensor],
+    params: list[nn.Parameter],
+    optimiser: torch.optim.Optimizer,
+    clip: float,
+    *,
+    compile: bool = False,
+) -> Callable[..., Tensor]:
+    r"""One optimisation step as a function: ``step(*args)`` evaluates ``loss(*args)``,
+    back-propagates, clips the gradient norm of ``params`` to ``clip``, steps the
+    optimiser, and returns the loss, detached.
+
+    The step reads no value on the host: no ``.item()``, no branch on a tensor, so a GPU
+    never waits for its queue inside a step, and the training loops read losses only at
+    their logging intervals (tests/test_gpu_clean.py runs every family's step under a
+    dispatch-level check). ``compile=True`` compiles ``loss`` with :func:`torch.compile`
+    (its forward and, through AOTAutograd, its backward graph); the clipping and the
+    optimiser, one fused kernel each, stay eager.
+
+    Example:
+        >>> weight = nn.Parameter(torch.tensor([3.0]))
+        >>> optimiser = torch.optim.SGD([weight], lr=0.25)
+        >>> step = training_step(lambda x: ((weight - x) ** 2).sum(), [weight], optimiser, 5.0)
+        >>> step(torch.tensor([1.0])), weight.data  # loss 4, gradient 4 (not clipped)
+        (tensor(4.), tensor([2.]))
+    """
+    compiled = torch.compile(loss) if compile else loss
+
+    def step(*args: Any) -> Tensor:
+        value = compiled(*args)
+        optimiser.zero_grad(set_to_none=True)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimiser.step()
+        return value.detach()
+
+    return step
+
+
+@functools.cache
+def _fused_devices() -> frozenset[str]:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return frozenset(_get_fused_kernels_supported_devices())
 
 
 @torch.no_grad()

@@ -243,9 +243,10 @@ class AutoFlow(AutoContinuous):
             try:
                 with poutine.block():
                     trace = poutine.trace(self._unwrapped_model[0]).get_trace(*args, **kwargs)
+                sites = [trace.nodes[name] for name in self._unconstrained_shapes]
                 parts = [
                     biject_to(site["fn"].support).inv(site["value"].detach()).reshape(-1)
-                    for _, site in trace.iter_stochastic_nodes()
+                    for site in sites
                 ]
                 points.append(torch.cat(parts).to(init))
             except NotImplementedError:  # an improper prior has no draws

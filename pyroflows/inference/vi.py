@@ -12,6 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pyroflows._checks import check_positive_float, check_positive_int
+from pyroflows.density.training import adam, training_step
 from pyroflows.distributions import FlowDistribution
 from pyroflows.inference.bounds import (
     FlowMixture,
@@ -129,24 +130,20 @@ def fit_reverse_kl(
     logits = mixture_logits(components, loc)
     q = FlowMixture(flows, logits)
     params = q.parameters if components > 1 else q.parameters[1:]
-    optimiser = torch.optim.Adam(params, lr=lr)
+    optimiser = adam(params, lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=lr / 100)
+    step_once = training_step(
+        reverse_kl_loss(q, log_density, draws, alpha, importance), params, optimiser, clip
+    )
 
     not_finite = torch.zeros((), dtype=torch.bool, device=loc.device)
     bar = tqdm(range(steps), disable=not progress, desc="reverse KL", unit="step")
     for step in bar:
         beta = min(1.0, 0.01 + step / anneal) if anneal else 1.0
-        bound = stratified_bound(
-            q, log_density, draws, alpha=alpha, importance=importance, beta=beta
-        )
-        loss = -bound
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        optimiser.step()
+        loss = step_once(beta)
         schedule.step()
         # Checked every 50 steps, so that a GPU does not synchronise on every step.
-        not_finite |= ~torch.isfinite(loss.detach())
+        not_finite |= ~torch.isfinite(loss)
         if step % 50 == 49 or step == steps - 1:
             _check_finite(not_finite, step)
             if progress:
@@ -157,6 +154,21 @@ def fit_reverse_kl(
     if components == 1:
         return FlowDistribution(base, flows[0].transform)
     return FlowMixture([FlowDistribution(base, c.transform) for c in flows], logits.detach())
+
+
+def reverse_kl_loss(
+    q: FlowMixture, log_density: LogDensity, draws: int, alpha: float, importance: int
+) -> Callable[[float], Tensor]:
+    r"""The loss of a reverse-KL step: ``loss(beta)`` is minus the stratified bound
+    (:func:`~pyroflows.inference.bounds.stratified_bound`) of ``q`` on the tempered target
+    :math:`\beta \log \tilde p`, from ``draws`` draws of each component."""
+
+    def loss(beta: float) -> Tensor:
+        return -stratified_bound(
+            q, log_density, draws, alpha=alpha, importance=importance, beta=beta
+        )
+
+    return loss
 
 
 def posterior_flow(

@@ -11,9 +11,11 @@ of the field's divergence, integrated beside :math:`z`; the inverse runs the sam
 :math:`t = 1` back to 0. The divergence is exact (one vector-Jacobian product per
 dimension) or Hutchinson's estimate :math:`\epsilon^\top (\partial v / \partial z)\,
 \epsilon` with one probe :math:`\epsilon` (Rademacher or Gaussian, fixed over a solve),
-which is unbiased and costs one product whatever the dimension. The ODE is solved by
-torchdiffeq (an adaptive Dormand-Prince solver with tolerances, or a fixed-step one), which
-also offers adjoint back-propagation; pyroflows owns the field, the trace and the log-det.
+which is unbiased and costs one product whatever the dimension. An adaptive ODE solver
+(Dormand-Prince with tolerances) and adjoint back-propagation come from torchdiffeq; the
+fixed-step solvers are pyroflows' own (:func:`fixed_steps`), which never read a value on the
+host, so that they keep a GPU busy and compile to one graph. pyroflows owns the field, the
+trace and the log-det.
 
 References:
     Neural Ordinary Differential Equations (Chen, Rubanova, Bettencourt & Duvenaud, 2018)
@@ -167,8 +169,10 @@ class CNF(Flow):
             )
         probe = None if self._exact_trace() else self._draw_probe(start)
         dynamics = _Dynamics(self.field, context, probe)
-        times = torch.tensor([t0, t1], device=start.device, dtype=start.dtype)
         state = (start, start.new_zeros(start.shape[:-1]))
+        if self.solver in FIXED and not self.adjoint:
+            return fixed_steps(dynamics, state, t0, t1, self.steps, self.solver)
+        times = torch.tensor([t0, t1], device=start.device, dtype=start.dtype)
         z, integral = _odeint(self.adjoint)(dynamics, state, times, **self._solver_options(start))
         return z[-1], integral[-1]
 
@@ -228,6 +232,62 @@ def _divergence(velocity: Tensor, z: Tensor, probe: Tensor | None, create_graph:
         )
         total = total + row[..., i]
     return total
+
+
+#: explicit Runge-Kutta tableaus: the nodes c, the rows of a, the weights b
+TABLEAUS = {
+    "euler": ((0.0,), ((),), (1.0,)),
+    "midpoint": ((0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
+    "rk4": (  # Kutta's 3/8 rule, torchdiffeq's "rk4" too
+        (0.0, 1 / 3, 2 / 3, 1.0),
+        ((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
+        (1 / 8, 3 / 8, 3 / 8, 1 / 8),
+    ),
+}
+
+
+def fixed_steps(
+    dynamics: Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]],
+    state: tuple[Tensor, ...],
+    t0: float,
+    t1: float,
+    steps: int,
+    method: str,
+) -> tuple[Tensor, ...]:
+    r"""Solve :math:`ds/dt = f(t, s)` from ``t0`` to ``t1`` in ``steps`` equal steps of an
+    explicit Runge-Kutta method (``method`` in :data:`TABLEAUS`): :math:`s \leftarrow s +
+    h \sum_i b_i k_i`, :math:`k_i = f(t + c_i h, s + h \sum_{j<i} a_{ij} k_j)`.
+
+    The state is a tuple of tensors, the times are made on its device, and no value is
+    read on the host, so a step never waits for the GPU and :func:`torch.compile` sees
+    one graph (torchdiffeq checks its time grid on the host on every call; it still
+    solves the adaptive and the adjoint problems).
+
+    Example:
+        >>> decay = lambda t, s: (-s[0],)  # s(1) = exp(-1) s(0)
+        >>> (s,) = fixed_steps(decay, (torch.ones(1, dtype=torch.float64),), 0.0, 1.0, 10, "rk4")
+        >>> abs(s.item() - math.exp(-1)) < 1e-6
+        True
+    """
+    nodes, rows, weights = TABLEAUS[method]
+    h = (t1 - t0) / steps
+    like = state[0]
+    times = torch.linspace(t0, t1, steps + 1, device=like.device, dtype=like.dtype)
+    for n in range(steps):
+        slopes: list[tuple[Tensor, ...]] = []
+        for c, row in zip(nodes, rows, strict=True):
+            stage = state
+            if row:
+                stage = tuple(
+                    s + h * sum(a * k[part] for a, k in zip(row, slopes, strict=True))
+                    for part, s in enumerate(state)
+                )
+            slopes.append(dynamics(times[n] + c * h, stage))
+        state = tuple(
+            s + h * sum(b * k[part] for b, k in zip(weights, slopes, strict=True))
+            for part, s in enumerate(state)
+        )
+    return state
 
 
 def _odeint(adjoint: bool) -> Callable[..., Any]:

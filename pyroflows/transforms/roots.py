@@ -4,7 +4,8 @@ To invert :math:`g(a) = t` where :math:`g` is strictly increasing and the root i
 lie in :math:`[lo, hi]`, a safeguarded Newton iteration (Newton's step when it stays inside
 the bracket and at least halves the previous step, bisection otherwise, as ``rtsafe`` in
 Press et al., *Numerical Recipes*, 3rd ed., sec. 9.4) runs without gradient tracking until
-every step is below rounding (checked every 8 steps, so a GPU synchronises once per 8).
+every step is below rounding (checked every 8 steps on the CPU; on an accelerator all
+``iterations`` run, as reading the check would make the device wait for its queue).
 One last Newton step is then taken with gradients on,
 
 .. math:: a^* = a_0 - \frac{g(a_0; \theta) - t}{g'(a_0; \theta)},
@@ -63,6 +64,7 @@ def _search(fn: ValueAndSlope, target: Tensor, lo: Tensor, hi: Tensor, iteration
         a = (lo + hi) / 2
         last_step = hi - lo
         tolerance = 4 * torch.finfo(a.dtype).eps
+        check = a.device.type == "cpu"
         for iteration in range(iterations):
             value, slope = fn(a)
             residual = value - target_
@@ -75,7 +77,9 @@ def _search(fn: ValueAndSlope, target: Tensor, lo: Tensor, hi: Tensor, iteration
             fast = newton.abs() * 2 <= last_step.abs()
             step = torch.where(inside & fast, newton, a - (lo + hi) / 2)
             a, last_step = a - step, step
-            # Converged everywhere? Asked every 8 steps: one device synchronisation each.
-            if iteration % 8 == 7 and bool((step.abs() <= tolerance * (1 + a.abs())).all()):
+            # Converged everywhere? Asked every 8 steps on the CPU, where it costs nothing;
+            # never on an accelerator, which would wait for its queue to answer.
+            converged = check and iteration % 8 == 7
+            if converged and bool((step.abs() <= tolerance * (1 + a.abs())).all()):
                 break
     return a
