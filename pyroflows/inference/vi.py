@@ -44,6 +44,7 @@ def fit_reverse_kl(
     alpha: float = 1.0,
     importance: int = 1,
     clip: float = 100.0,
+    compile: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -70,7 +71,10 @@ def fit_reverse_kl(
     ``device`` and ``dtype``. ``start="pathfinder"`` starts from the best-ELBO Gaussian
     along the L-BFGS path from the initial point
     (:func:`~pyroflows.inference.start.pathfinder`), as a fixed whitening
-    (:func:`whitened_posterior_flow`); ``init_scale`` is then unused.
+    (:func:`whitened_posterior_flow`); ``init_scale`` is then unused. ``compile=True``
+    compiles each step's loss (draws, flow, target and bound) with :func:`torch.compile`:
+    one graph for the coupling, autoregressive and spline families and a traceable
+    ``log_density``, compiled once (seconds), then faster steps.
 
     Returns the fitted :class:`~pyroflows.FlowDistribution`, in evaluation mode.
 
@@ -133,7 +137,11 @@ def fit_reverse_kl(
     optimiser = adam(params, lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=lr / 100)
     step_once = training_step(
-        reverse_kl_loss(q, log_density, draws, alpha, importance), params, optimiser, clip
+        reverse_kl_loss(q, log_density, draws, alpha, importance),
+        params,
+        optimiser,
+        clip,
+        compile=compile,
     )
 
     not_finite = torch.zeros((), dtype=torch.bool, device=loc.device)

@@ -7,6 +7,7 @@ from pyroflows.transforms.actnorm import ActNorm, LocScale
 from pyroflows.transforms.autoregressive import Autoregressive, iaf, maf
 from pyroflows.transforms.base import Conditioned, Flow, FlowStack, Method, NotInvertibleError
 from pyroflows.transforms.cnf import CNF, cnf
+from pyroflows.transforms.compiled import Compiled
 from pyroflows.transforms.coupling import Coupling, coupling_masks
 from pyroflows.transforms.elementwise import Affine, Elementwise, Inverted, Shift
 from pyroflows.transforms.glow import glow
@@ -22,6 +23,7 @@ __all__ = [
     "Affine",
     "Autoregressive",
     "CholeskyAffine",
+    "Compiled",
     "Conditioned",
     "Coupling",
     "Elementwise",

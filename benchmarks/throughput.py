@@ -1,0 +1,653 @@
+r"""Training throughput: rows per second of maximum-likelihood steps, pyroflows beside
+Pyro's and zuko's flows at equal architecture, in one run on one machine.
+
+A step is what :func:`pyroflows.density.fit_max_likelihood` runs
+(:func:`~pyroflows.density.training.training_step`): the mean negative log-likelihood of a
+fresh batch drawn from a fixed pool of standard-normal rows (moved to the device once),
+backward, the gradient norm clipped to 5, one Adam step (fused where torch has a fused
+kernel: :func:`~pyroflows.density.training.adam`). Every contender runs this same step
+function, so the flows are the only difference. Measured per family (``realnvp``, ``maf``,
+``nsf``, ``nsf_ar``), dimension (8, 64), batch (256 to 16,384 rows) and mode:
+
+- ``eager``: the step as is;
+- ``compiled``: the loss compiled with :func:`torch.compile` (for every library alike; the
+  clipping and the optimiser stay eager, as in ``training_step``). The batch dimension is
+  marked dynamic, so one compilation serves every batch size; compilation time is reported
+  apart and left out of the rates.
+
+Every flow has 5 layers with two hidden layers of 128 units (ReLU); splines have 8 bins.
+The legend printed first says exactly what each contender is and where the architectures
+cannot be made equal. Timing: ``--warmup`` steps (compilation included), then the
+contenders of one configuration take turns (the order rotating) for ``--repeats`` rounds
+of ``--rows`` rows each; the rate is the batch times the steps over the median seconds.
+Pyro's transforms cache the last (x, y) pair by tensor identity; every step indexes a fresh
+batch tensor, so no contender reads a cached value. Argument validation is off for every
+library (``pyro.enable_validation(False)``), as in a tuned training loop.
+
+Pyro's autoregressive transforms are IAFs: their forward (one network pass) is sampling.
+The ``pyro`` column uses them inverted, so that the density pass is one network call as in
+a MAF; the ``pyro as built`` column is what a Pyro user gets by putting them in a
+``TransformedDistribution`` as they are: the density pass inverts them, ``dim`` sequential
+network passes per layer. It is measured in eager mode where ``dim * batch`` is at most
+``--sequential-limit``, and left out elsewhere (at dim 64 and 16,384 rows one step would
+take minutes).
+
+Targets (issue 15): compiled, every family at least 1.5x the faster of Pyro and zuko at
+equal architecture; eager, none slower than the faster peer. The last column of the rate
+tables is pyroflows over the fastest peer of the configuration.
+
+    python benchmarks/throughput.py [--quick] [--device cuda] [--threads 2]
+        [--mode eager compiled] [--family nsf ...] [--dim 8 64] [--batch 256 4096 ...]
+
+``--quick`` is a one-minute smoke run (eager, dim 8, two batch sizes, few rows); options
+given with it override its settings. Results go to ``benchmarks/results/throughput.csv``
+(``--output``), rewritten after every configuration, so an interrupted run keeps what it
+measured. The unit of work is :func:`measure` (one family, dimension and mode); a later
+``--processes N`` (the pyroflows step in N torch.distributed processes) plugs in there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import pyro
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import torch
+import zuko
+from common import timed
+from pyro.nn import AutoRegressiveNN, DenseNN
+from torch import Tensor, nn
+from zuko.distributions import DiagNormal
+from zuko.flows.coupling import GeneralCouplingTransform
+from zuko.lazy import UnconditionalDistribution
+from zuko.transforms import MonotonicRQSTransform
+
+import pyroflows
+from pyroflows.density.training import adam, negative_log_likelihood, training_step
+
+LAYERS, HIDDEN, BINS, BOUND = 5, (128, 128), 8, 4.0
+CLIP, LR = 5.0, 1e-3
+FAMILIES = ("realnvp", "maf", "nsf", "nsf_ar")
+DIMS, BATCHES, MODES = (8, 64), (256, 1024, 4096, 16384), ("eager", "compiled")
+#: the table's columns, one per contender kind; "ours" is the first
+COLUMNS = ("pyroflows", "pyro", "zuko", "zuko parts", "pyro as built")
+POOL_ROWS = 65536
+RESULTS = Path(__file__).resolve().parent / "results" / "throughput.csv"
+
+Loss = Callable[[Tensor, Tensor | None], Tensor]
+Builder = Callable[[int, torch.device], tuple[nn.Module, Loss]]
+
+
+# ---------------------------------------------------------------------- contenders
+
+
+def standard_normal(dim: int, device: torch.device) -> dist.Distribution:
+    zeros = torch.zeros(dim, device=device)
+    return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+
+
+def mean_nll(log_prob: Callable[[Tensor], Tensor]) -> Loss:
+    """The loss ``(rows, context) -> -mean log_prob(rows)`` of a peer (no context)."""
+
+    def loss(rows: Tensor, context: Tensor | None) -> Tensor:
+        return -log_prob(rows).mean()
+
+    return loss
+
+
+def ours(family: str) -> Builder:
+    def build(dim: int, device: torch.device) -> tuple[nn.Module, Loss]:
+        options = {"bins": BINS} if family.startswith("nsf") else {}
+        flow = pyroflows.build(family, dim, layers=LAYERS, hidden=HIDDEN, **options).to(device)
+        model = pyroflows.FlowDistribution(standard_normal(dim, device), flow)
+        return flow, negative_log_likelihood(model)
+
+    return build
+
+
+def pyro_coupling(spline: bool) -> Builder:
+    """Pyro coupling layers split at ``dim // 2``, the halves swapped between layers."""
+
+    def build(dim: int, device: torch.device) -> tuple[nn.Module, Loss]:
+        split, reverse = dim // 2, torch.arange(dim - 1, -1, -1, device=device)
+        parts = []
+        for i in range(LAYERS):
+            if spline:
+                sizes = [(dim - split) * BINS, (dim - split) * BINS, (dim - split) * (BINS - 1)]
+                net = DenseNN(split, list(HIDDEN), param_dims=sizes)
+                parts.append(
+                    T.SplineCoupling(
+                        dim, split, net, BINS, BOUND, order="quadratic", identity=True
+                    )
+                )
+            else:
+                parts.append(T.affine_coupling(dim, hidden_dims=list(HIDDEN)))
+            if i < LAYERS - 1:
+                parts.append(T.Permute(reverse))  # its index is no buffer: made on the device
+        stack = T.ComposeTransformModule(parts).to(device)
+        q = dist.TransformedDistribution(standard_normal(dim, device), [stack])
+        return stack, mean_nll(q.log_prob)
+
+    return build
+
+
+def pyro_autoregressive(spline: bool, inverted: bool) -> Builder:
+    """Pyro autoregressive layers (each its own random order), inverted or as built."""
+
+    def build(dim: int, device: torch.device) -> tuple[nn.Module, Loss]:
+        parts = []
+        for _ in range(LAYERS):
+            if spline:
+                net = AutoRegressiveNN(dim, list(HIDDEN), param_dims=[BINS, BINS, BINS - 1])
+                parts.append(T.SplineAutoregressive(dim, net, BINS, BOUND, order="quadratic"))
+            else:
+                parts.append(T.affine_autoregressive(dim, hidden_dims=list(HIDDEN)))
+        stack = T.ComposeTransformModule(parts).to(device)
+        transform = stack.inv if inverted else stack
+        q = dist.TransformedDistribution(standard_normal(dim, device), [transform])
+        return stack, mean_nll(q.log_prob)
+
+    return build
+
+
+def zuko_flow(make: Callable[[int], zuko.flows.Flow]) -> Builder:
+    def build(dim: int, device: torch.device) -> tuple[nn.Module, Loss]:
+        flow = make(dim).to(device)
+        return flow, mean_nll(lambda rows: flow().log_prob(rows))
+
+    return build
+
+
+def zuko_spline_coupling(dim: int) -> zuko.flows.Flow:
+    """zuko's coupling layer with its spline: the equal of pyroflows' ``nsf``."""
+    spline = partial(MonotonicRQSTransform, bound=BOUND)
+    shapes = [(BINS,), (BINS,), (BINS - 1,)]
+    layers = [
+        GeneralCouplingTransform(
+            dim,
+            mask=torch.arange(dim) % 2 == i % 2,
+            univariate=spline,
+            shapes=shapes,
+            hidden_features=HIDDEN,
+        )
+        for i in range(LAYERS)
+    ]
+    zeros = torch.zeros(dim)
+    base = UnconditionalDistribution(DiagNormal, zeros, torch.ones(dim), buffer=True)
+    return zuko.flows.Flow(layers, base)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One flow in the race: its table column, what it is, and how to build it."""
+
+    column: str
+    what: str
+    build: Builder
+    sequential: bool = False  # the density pass takes dim network passes per layer
+
+
+ARCH = f"{LAYERS} layers, hidden {HIDDEN}"
+ZUKO = f"transforms={LAYERS}, hidden_features={HIDDEN}"
+CONTENDERS: dict[str, list[Contender]] = {
+    "realnvp": [
+        Contender("pyroflows", f"build('realnvp'), {ARCH}, alternating masks", ours("realnvp")),
+        Contender(
+            "pyro",
+            f"affine_coupling(dim, hidden_dims={list(HIDDEN)}) x{LAYERS}, Permute(reversed) "
+            "between; density = inverse (one pass)",
+            pyro_coupling(spline=False),
+        ),
+        Contender(
+            "zuko",
+            f"zuko.flows.RealNVP(dim, {ZUKO}), alternating masks",
+            zuko_flow(partial(zuko.flows.RealNVP, transforms=LAYERS, hidden_features=HIDDEN)),
+        ),
+    ],
+    "maf": [
+        Contender("pyroflows", f"build('maf'), {ARCH}, reversed orders", ours("maf")),
+        Contender(
+            "pyro",
+            f"affine_autoregressive(dim, hidden_dims={list(HIDDEN)}) x{LAYERS}, random "
+            "orders, stack inverted: density = forward (one pass)",
+            pyro_autoregressive(spline=False, inverted=True),
+        ),
+        Contender(
+            "zuko",
+            f"zuko.flows.MAF(dim, {ZUKO}), reversed orders",
+            zuko_flow(partial(zuko.flows.MAF, transforms=LAYERS, hidden_features=HIDDEN)),
+        ),
+        Contender(
+            "pyro as built",
+            "the same Pyro stack not inverted: density = inverse, dim passes per layer",
+            pyro_autoregressive(spline=False, inverted=False),
+            sequential=True,
+        ),
+    ],
+    "nsf": [
+        Contender(
+            "pyroflows",
+            f"build('nsf', bins={BINS}), {ARCH}, bound {BOUND}, alternating masks",
+            ours("nsf"),
+        ),
+        Contender(
+            "pyro",
+            f"SplineCoupling(dim, dim // 2, DenseNN(hidden {list(HIDDEN)}), {BINS} bins, "
+            f"bound {BOUND}, order='quadratic', identity=True) x{LAYERS}, Permute(reversed) "
+            "between; density = inverse (one pass)",
+            pyro_coupling(spline=True),
+        ),
+        Contender(
+            "zuko",
+            f"zuko.flows.NSF(dim, {ZUKO}, bins={BINS}, passes=2): coupling by a masked "
+            "network over all dim inputs and outputs (bound 5, fixed)",
+            zuko_flow(
+                partial(
+                    zuko.flows.NSF,
+                    transforms=LAYERS,
+                    hidden_features=HIDDEN,
+                    bins=BINS,
+                    passes=2,
+                )
+            ),
+        ),
+        Contender(
+            "zuko parts",
+            f"zuko.flows.Flow of {LAYERS} GeneralCouplingTransform(MonotonicRQSTransform, "
+            f"bound {BOUND}, {BINS} bins, hidden_features={HIDDEN}), alternating masks",
+            zuko_flow(zuko_spline_coupling),
+        ),
+    ],
+    "nsf_ar": [
+        Contender(
+            "pyroflows",
+            f"build('nsf_ar', bins={BINS}), {ARCH}, bound {BOUND}, reversed orders",
+            ours("nsf_ar"),
+        ),
+        Contender(
+            "pyro",
+            f"SplineAutoregressive(dim, AutoRegressiveNN(hidden {list(HIDDEN)}), {BINS} bins, "
+            f"bound {BOUND}, order='quadratic') x{LAYERS}, random orders, stack inverted: "
+            "density = forward (one pass)",
+            pyro_autoregressive(spline=True, inverted=True),
+        ),
+        Contender(
+            "zuko",
+            f"zuko.flows.NSF(dim, {ZUKO}, bins={BINS}), reversed orders (bound 5, fixed)",
+            zuko_flow(
+                partial(zuko.flows.NSF, transforms=LAYERS, hidden_features=HIDDEN, bins=BINS)
+            ),
+        ),
+        Contender(
+            "pyro as built",
+            "the same Pyro stack not inverted: density = inverse, dim passes per layer",
+            pyro_autoregressive(spline=True, inverted=False),
+            sequential=True,
+        ),
+    ],
+}
+
+DIFFERENCES = (
+    "Where the architectures differ: Pyro draws a random order per autoregressive layer "
+    "(pyroflows and zuko reverse it), Pyro's couplings split the vector in halves with a "
+    "reversal between layers (pyroflows and zuko alternate even and odd entries): same "
+    "sizes, same cost. zuko's NSF(passes=2) is a coupling computed by a masked network "
+    "that reads all dim inputs and predicts all dim outputs (about twice the last layer's "
+    "work); 'zuko parts' is the equal coupling built from zuko's own pieces. zuko's NSF fixes "
+    "its spline bound at 5 (the others use 4). Each library keeps its own scale "
+    "parametrisation of the affine layers (pyroflows and Pyro clamp a log-scale, zuko "
+    "bounds its slope) and its own initialisation."
+)
+
+
+# ------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to time: on which device, for how long, how often."""
+
+    device: str = "cpu"
+    rows: int = 8192  # rows per timed repeat (steps = rows // batch, at least 1)
+    repeats: int = 3
+    warmup: int = 2
+    sequential_limit: int = 8192  # measure "pyro as built" where dim * batch <= this
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """One unit of work: every contender of ``family`` in ``dim`` dimensions, one mode,
+    at each of ``batches``."""
+
+    family: str
+    dim: int
+    compiled: bool
+    batches: tuple[int, ...]
+    settings: Settings
+
+
+class Trial:
+    """A built contender with its step, its optimiser state kept across batch sizes."""
+
+    def __init__(self, contender: Contender, config: Config, device: torch.device) -> None:
+        self.contender = contender
+        module, loss = contender.build(config.dim, device)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.step = training_step(loss, params, adam(params, LR), CLIP, compile=config.compiled)
+        self.compiled = config.compiled
+
+    def run(self, pool: Tensor, batch: int, steps: int, generator: torch.Generator) -> None:
+        for _ in range(steps):
+            index = torch.randint(len(pool), (batch,), device=pool.device, generator=generator)
+            rows = pool[index]  # a fresh tensor every step: no cached (x, y) pair applies
+            if self.compiled:
+                torch._dynamo.maybe_mark_dynamic(rows, 0)
+            self.step(rows, None)
+
+
+def measure(config: Config) -> dict[tuple[str, int], dict]:
+    """Time every contender of ``config``; one result per (column, batch).
+
+    The contenders are built once (and, when compiled, compiled once: dynamo's caches are
+    cleared first). At each batch size each one takes its warm-up steps, then they take
+    turns for ``repeats`` rounds, the first place rotating. A result holds the rate (rows
+    per second at the median), the seconds of every repeat, and the warm-up's excess over
+    that many timed steps (the compilation, or any recompilation for a new batch size).
+    """
+    settings, device = config.settings, torch.device(config.settings.device)
+    if config.compiled:
+        torch._dynamo.reset()
+    torch.manual_seed(settings.seed)
+    pool = torch.randn(POOL_ROWS, config.dim, device=device)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    contenders = [c for c in CONTENDERS[config.family] if not (c.sequential and config.compiled)]
+    trials = [Trial(c, config, device) for c in contenders]
+    results = {}
+    for batch in config.batches:
+        active = [
+            t
+            for t in trials
+            if not t.contender.sequential or config.dim * batch <= settings.sequential_limit
+        ]
+        steps = max(1, settings.rows // batch)
+        warm, graphs = {}, {}
+        for trial in active:
+            before = _unique_graphs()
+            warm[trial] = timed(
+                partial(trial.run, pool, batch, settings.warmup, generator), device
+            )[1]
+            graphs[trial] = _unique_graphs() - before
+        seconds = {trial: [] for trial in active}
+        for r in range(settings.repeats):
+            for trial in active[r % len(active) :] + active[: r % len(active)]:
+                run = partial(trial.run, pool, batch, steps, generator)
+                seconds[trial].append(timed(run, device)[1])
+        for trial in active:
+            median = statistics.median(seconds[trial])
+            per_step = median / steps
+            results[trial.contender.column, batch] = {
+                "rows_per_s": batch * steps / median,
+                "seconds": seconds[trial],
+                "steps": steps,
+                "compile_s": max(0.0, warm[trial] - settings.warmup * per_step),
+                "graphs": graphs[trial],
+            }
+    return results
+
+
+def _unique_graphs() -> int:
+    """How many graphs dynamo has compiled so far (its own counter)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def records(config: Config, results: dict[tuple[str, int], dict]) -> list[dict]:
+    """Rows for the CSV: one per (contender, batch), with ours over the fastest peer."""
+    whats = {c.column: c.what for c in CONTENDERS[config.family]}
+    rows = []
+    for (column, batch), result in results.items():
+        peers = [
+            r["rows_per_s"] for (c, b), r in results.items() if b == batch and c != "pyroflows"
+        ]
+        ratio = result["rows_per_s"] / max(peers) if column == "pyroflows" and peers else None
+        rows.append(
+            {
+                "mode": "compiled" if config.compiled else "eager",
+                "family": config.family,
+                "dim": config.dim,
+                "batch": batch,
+                "column": column,
+                "contender": whats[column],
+                "rows_per_s": result["rows_per_s"],
+                "s_per_1M_rows": 1e6 / result["rows_per_s"],
+                "seconds_median": statistics.median(result["seconds"]),
+                "seconds_min": min(result["seconds"]),
+                "seconds_max": max(result["seconds"]),
+                "steps": result["steps"],
+                "repeats": len(result["seconds"]),
+                "compile_s": result["compile_s"] if config.compiled else None,
+                "graphs": result["graphs"] if config.compiled else None,
+                "ours_over_fastest_peer": ratio,
+            }
+        )
+    return rows
+
+
+def rate(value: float) -> str:
+    """Rows per second, short: ``41k``, ``1.25M`` (blank where not measured)."""
+    if pd.isna(value):
+        return ""
+    return f"{value / 1e3:,.0f}k" if value < 1e6 else f"{value / 1e6:.2f}M"
+
+
+def rate_table(frame: pd.DataFrame, mode: str) -> str:
+    """Rows per second per configuration, one column per contender kind, and ours over
+    the fastest peer (named)."""
+    part = frame[frame["mode"] == mode]
+    wide = part.pivot_table(
+        index=["family", "dim", "batch"], columns="column", values="rows_per_s", sort=False
+    )
+    columns = [c for c in COLUMNS if c in wide.columns]
+    peers = wide[[c for c in columns if c != "pyroflows"]]
+    table = wide[columns].map(rate)
+    ratio = wide["pyroflows"] / peers.max(axis=1)
+    table["ours / fastest peer"] = [
+        f"{r:.2f} ({p})" if pd.notna(r) else ""
+        for r, p in zip(ratio, peers.idxmax(axis=1), strict=True)
+    ]
+    return table.reset_index().to_markdown(index=False)
+
+
+def compile_table(frame: pd.DataFrame) -> str:
+    """Seconds of compilation per contender (at its first batch size) and dynamo graphs."""
+    part = frame[frame["mode"] == "compiled"].sort_values("batch")
+    first = part.groupby(["family", "dim", "column"], sort=False).first()
+    cells = (
+        first["compile_s"].map("{:.0f} s".format) + " / " + first["graphs"].map("{:.0f}".format)
+    )
+    wide = cells.unstack("column")
+    return wide[[c for c in COLUMNS if c in wide.columns]].reset_index().to_markdown(index=False)
+
+
+def scaling_table(frame: pd.DataFrame) -> str:
+    """pyroflows eager: seconds per million rows by batch size (rows) and dimension."""
+    part = frame[(frame["mode"] == "eager") & (frame["column"] == "pyroflows")]
+    wide = part.pivot_table(
+        index=["family", "dim"], columns="batch", values="s_per_1M_rows", sort=False
+    )
+    wide.columns = [f"batch {b}" for b in wide.columns]
+    return wide.reset_index().to_markdown(index=False, floatfmt=".2f")
+
+
+def targets(frame: pd.DataFrame) -> str:
+    """How many configurations meet the issue's targets."""
+    ours = frame[frame["column"] == "pyroflows"].dropna(subset=["ours_over_fastest_peer"])
+    lines = []
+    for mode, goal in (("compiled", 1.5), ("eager", 1.0)):
+        ratios = ours[ours["mode"] == mode]["ours_over_fastest_peer"]
+        if len(ratios):
+            met = int((ratios >= goal).sum())
+            lines.append(
+                f"{mode}: ours >= {goal}x the fastest peer in {met} of {len(ratios)} "
+                f"configurations (lowest {ratios.min():.2f}x)"
+            )
+    return "\n".join(lines)
+
+
+def legend(families: list[str]) -> str:
+    rows = [
+        {"family": family, "column": c.column, "contender": c.what}
+        for family in families
+        for c in CONTENDERS[family]
+    ]
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Write ``frame`` to ``path`` whole or not at all (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            frame.to_csv(file, index=False)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def environment(device: torch.device) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as file:
+            names = [
+                line.split(":", 1)[1].strip() for line in file if line.startswith("model name")
+            ]
+        cpu = f"{names[0]} ({len(names)} logical CPUs)" if names else cpu
+    except OSError:
+        pass
+    accelerator = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (
+        f"torch {torch.__version__}, pyro {pyro.__version__}, zuko {zuko.__version__}, "
+        f"pyroflows {getattr(pyroflows, '__version__', '?')}; device {device}{accelerator}, "
+        f"{torch.get_num_threads()} threads; CPU {cpu}"
+    )
+
+
+# ----------------------------------------------------------------------------- main
+
+#: the settings of a one-minute smoke run, and of a full run (about 25 minutes on 2 cores)
+QUICK = {
+    "mode": ["eager"],
+    "dim": [8],
+    "batch": [256, 1024],
+    "rows": 4096,
+    "repeats": 3,
+    "warmup": 1,
+}
+FULL = {
+    "mode": list(MODES),
+    "dim": list(DIMS),
+    "batch": list(BATCHES),
+    "rows": Settings.rows,
+    "repeats": Settings.repeats,
+    "warmup": Settings.warmup,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a one-minute smoke run")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--mode", nargs="+", choices=MODES)
+    parser.add_argument("--dim", nargs="+", type=int)
+    parser.add_argument("--batch", nargs="+", type=int)
+    parser.add_argument("--rows", type=int, help="rows per timed repeat")
+    parser.add_argument("--repeats", type=int, help="timed repeats (the median is kept)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per batch size")
+    parser.add_argument(
+        "--sequential-limit",
+        type=int,
+        default=Settings.sequential_limit,
+        help="measure 'pyro as built' (dim passes per layer) where dim * batch <= this",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    torch.set_num_threads(args.threads)
+    pyro.enable_validation(False)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    device = torch.device(args.device)
+    settings = Settings(
+        args.device, args.rows, args.repeats, args.warmup, args.sequential_limit, args.seed
+    )
+    print(environment(device))
+    print(
+        f"{ARCH}, {BINS} bins; fused Adam lr {LR}, clip {CLIP}; {args.rows} rows per repeat, "
+        f"median of {args.repeats}, {args.warmup} warm-up steps\n"
+    )
+    print(legend(args.family))
+    print(f"\n{DIFFERENCES}\n", flush=True)
+
+    configs = [
+        Config(family, dim, mode == "compiled", tuple(args.batch), settings)
+        for mode in args.mode
+        for family in args.family
+        for dim in args.dim
+    ]
+    rows, start = [], time.perf_counter()
+    for k, config in enumerate(configs, 1):
+        begun = time.perf_counter()
+        rows += records(config, measure(config))
+        frame = pd.DataFrame(rows)
+        write_csv(frame, args.output)
+        mode = "compiled" if config.compiled else "eager"
+        print(
+            f"[{k}/{len(configs)}] {mode} {config.family} dim {config.dim}: "
+            f"{time.perf_counter() - begun:.0f} s",
+            flush=True,
+        )
+    frame = pd.DataFrame(rows)
+    for mode in args.mode:
+        print(f"\nTraining rows per second, {mode}:\n")
+        print(rate_table(frame, mode))
+        if mode == "eager" and any(CONTENDERS[f][-1].sequential for f in args.family):
+            print(
+                f"\n'pyro as built' is measured where dim * batch <= {args.sequential_limit} "
+                "(--sequential-limit), blank elsewhere."
+            )
+    if "compiled" in args.mode:
+        print("\nCompilation (seconds at the first batch size / dynamo graphs):\n")
+        print(compile_table(frame))
+    if "eager" in args.mode:
+        print("\npyroflows eager, seconds per million rows:\n")
+        print(scaling_table(frame))
+    print(f"\n{targets(frame)}")
+    elapsed = time.perf_counter() - start
+    print(f"\n{len(configs)} configurations in {elapsed:.0f} s; results in {args.output}")
+
+
+if __name__ == "__main__":
+    main()
