@@ -25,10 +25,11 @@ class Compiled(Flow):
     Example:
         >>> import pyroflows
         >>> flow = pyroflows.build("realnvp", 2)
-        >>> fast = Compiled(flow)
-        >>> x = torch.randn(8, 2)
-        >>> torch.allclose(fast.forward_and_log_det(x)[1], flow.forward_and_log_det(x)[1])
+        >>> fast = Compiled(flow)  # compiles at the first call of each pass
+        >>> all(p is q for p, q in zip(fast.parameters(), flow.parameters(), strict=True))
         True
+        >>> fast.inverse_method
+        'analytic'
     """
 
     def __init__(self, flow: Flow, **options: Any) -> None:
