@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ import pandas as pd
 from pyroflows._io import check_destination, import_extra, write_atomically
 from pyroflows.density.estimator import OBJECTIVES, DensityEstimator, density_families
 from pyroflows.density.matching import COUPLINGS
+from pyroflows.density.streaming import ParquetRows
 
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 MODEL_SUFFIXES = (".pt", ".pth")
@@ -173,6 +175,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="COLUMN=SUPPORT",
         help="a column's support: real, positive or (low,high), e.g. --support age=(0,120)",
     )
+    fit.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device, e.g. cuda (under torchrun: each process its cuda:LOCAL_RANK)",
+    )
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sample = commands.add_parser("sample", help="draw rows from a fitted model")
@@ -221,8 +228,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    rank, device = _join_processes(args.device)
     check_out(args.out, [args.data], force=args.force, model=True)
-    table = read_table(args.data)
+    if _table_kind(args.data) == "parquet":  # streamed, never read whole
+        _pyarrow("reading Parquet")
+        if not Path(args.data).exists():
+            raise FileNotFoundError(f"no such file or folder: {args.data!r}")
+        data, rows = args.data, ParquetRows(args.data).rows
+    else:
+        data = read_table(args.data)
+        rows = len(data)
     estimator = DensityEstimator(
         args.flow,
         epochs=args.epochs,
@@ -232,11 +247,14 @@ def _fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         objective=args.objective,
         coupling=args.coupling,
-        progress=not args.quiet,
+        progress=not args.quiet and rank == 0,
         support=dict(args.support),
+        device=device,
         **dict(args.option),
     )
-    history = estimator.fit(table)
+    history = estimator.fit(data)
+    if rank != 0:  # only the first process writes; the others hold the same model
+        return 0
     try:
         estimator.save(args.out, overwrite=args.force)
     except FileExistsError:
@@ -246,8 +264,8 @@ def _fit(args: argparse.Namespace) -> int:
     chosen = estimator.report.index[estimator.report["chosen"]][0]
     unit = "nats per row" if args.objective == "likelihood" else "(flow matching)"
     print(
-        f"fitted {estimator.flow_family} to {len(table)} rows x {table.shape[1]} columns in "
-        f"{len(history)} "
+        f"fitted {estimator.flow_family} to {rows} rows x {len(estimator.columns)} columns "
+        f"in {len(history)} "
         f"epochs; best validation loss {history['valid_loss'].min():.4f} {unit}; "
         f"the model is the {chosen}; wrote {args.out}\n\n"
         f"validation log-likelihood, nats per row:\n{estimator.summary().to_string()}\n\n"
@@ -255,6 +273,25 @@ def _fit(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _join_processes(device: str) -> tuple[int, str]:
+    """Under ``torchrun`` (its ``WORLD_SIZE`` above 1 in the environment): join the
+    process group (nccl on CUDA, else gloo) and return this process's rank and device
+    (``cuda:LOCAL_RANK`` for CUDA); else ``(0, device)``."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, device
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), device
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,22 @@ from pyroflows._io import write_atomically
 from pyroflows.density.latent import Blend, FlowDensity, blend_weight
 from pyroflows.density.matching import COUPLINGS, MatchingObjective
 from pyroflows.density.mixture import GaussianMixture
-from pyroflows.density.schema import Column, Schema, check_values, infer_schema
+from pyroflows.density.schema import (
+    Column,
+    Schema,
+    check_values,
+    infer_schema,
+    schema_from_stats,
+)
 from pyroflows.density.selection import choose_mixture
+from pyroflows.density.streaming import ParquetRows
 from pyroflows.density.tabular import EPS, TabularDensity
-from pyroflows.density.training import fit_max_likelihood, repeated
+from pyroflows.density.training import (
+    Batches,
+    fit_max_likelihood,
+    process_group,
+    repeated,
+)
 from pyroflows.transforms import Flow
 from pyroflows.transforms.registry import build, check_options, list_flows
 
@@ -41,6 +54,8 @@ DENSITY_INVERSES = ("analytic", "integrated")
 OBJECTIVES = ("likelihood", "flow_matching")
 #: the fewest steps an epoch of flow matching takes (rows repeated on small tables)
 MATCHING_STEPS = 32
+#: Parquet sources of more rows than this are streamed, not read whole
+STREAM_ROWS = 100_000
 #: on more training rows than this, the families race: each trains ``RACE_EPOCHS`` epochs,
 #: and only the leader on the validation rows trains on
 RACE_ROWS = 16_384
@@ -221,6 +236,8 @@ class DensityEstimator:
         last the choice, by validation score, of the Gaussian, the mixture, the flow or a
         blend of the last two (:attr:`report`, :meth:`summary`).
         """
+        if _is_path(data):
+            return self._fit_parquet(data, context, valid, valid_context)
         frame, source, device, dtype = self._as_frame(data)
         frames = [frame]
         if valid is not None:
@@ -243,6 +260,75 @@ class DensityEstimator:
         train, valid_rows, train_context, valid_contexts = self._split(
             frame, context, valid_frame if valid is not None else None, valid_context
         )
+        return self._fit_rows(train, valid_rows, train_context, valid_contexts)
+
+    def _fit_parquet(
+        self, source: Any, context: Any, valid: Any, valid_context: Any
+    ) -> pd.DataFrame:
+        """:meth:`fit` on Parquet files: up to :data:`STREAM_ROWS` rows read whole and
+        fitted as a frame, more streamed (:mod:`~pyroflows.density.streaming`): one scan
+        for the column statistics, the validation rows (a stable hash of each row's
+        position picks them) and a sample of training rows for the start; then each epoch
+        streams the training rows through a shuffle buffer (this process's shard under
+        ``torchrun``)."""
+        if context is not None or valid is not None or valid_context is not None:
+            raise ValueError(
+                "a Parquet source is fitted without context= or valid=: its validation rows "
+                "are picked by a hash of their position; fit a DataFrame for those options"
+            )
+        table = ParquetRows(source)
+        if table.rows <= STREAM_ROWS:  # small: read whole, fitted as a frame
+            return self.fit(table.read())
+        scan = table.scan(self.fit_options["validation"])
+        self.schema = schema_from_stats(
+            scan.stats, scan.rows, "frame", self.support, self.auto_support, table.index_name
+        )
+        self._device = self.device or torch.device("cpu")
+        self._dtype = self.dtype or torch.float32
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        self.context_columns = None
+        ends = [[c.minimum for c in scan.stats], [c.maximum for c in scan.stats]]
+        self._to_tensor(pd.DataFrame(ends, columns=self.schema.names))  # none overflows
+        valid_rows, sample = self._to_tensor(scan.valid), self._to_tensor(scan.sample)
+        if len(valid_rows) == 0 or len(sample) < 2:
+            raise ValueError(
+                f"{scan.rows} rows are too few to stream: {len(valid_rows)} validation rows "
+                f"and {len(sample)} training rows in the start sample; fit a DataFrame"
+            )
+        rank, world = process_group()
+        batch_size = self.fit_options["batch_size"] or default_batch_size(scan.train_rows)
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} is no multiple of {world} processes")
+        local = batch_size // world
+        steps = table.steps_per_epoch(scan, local, world)
+
+        def epoch(number: int) -> Iterator[tuple[Tensor, None]]:
+            batches = table.batches(
+                number,
+                local,
+                steps,
+                fraction=scan.fraction,
+                seed=self.seed or 0,
+                rank=rank,
+                world=world,
+            )
+            for rows in batches:
+                yield torch.as_tensor(rows, dtype=self._dtype).to(self._device), None
+
+        return self._fit_rows(sample, valid_rows, None, None, stream=(epoch, scan.train_rows))
+
+    def _fit_rows(
+        self,
+        train: Tensor,
+        valid_rows: Tensor,
+        train_context: Tensor | None,
+        valid_contexts: Tensor | None,
+        stream: tuple[Batches, int] | None = None,
+    ) -> pd.DataFrame:
+        """The rest of :meth:`fit`, on the training rows (a start sample of a ``stream``:
+        its epochs' batches and its number of training rows) and the validation rows."""
+        device, dtype = self._device, self._dtype
         families = list(AUTO) if self.family == "auto" else [self.family]
         for family in families:
             inverse = self._build_flow(family).inverse_method
@@ -278,7 +364,9 @@ class DensityEstimator:
             flow = self._build_flow(family).to(device=device, dtype=dtype)
             flow.initialize(latent, maps.scaled_context(repeated_context))
             models[family] = maps.with_density(FlowDensity(flow, search.gaussian))
-        flows, raced = self._train_flows(models, train, valid_rows, train_context, valid_contexts)
+        flows, raced = self._train_flows(
+            models, stream or train, valid_rows, train_context, valid_contexts
+        )
         seconds.append(time.perf_counter() - started)
         self.flow_family = max(flows, key=lambda family: _mean(flows[family][2]))
         model, self.history, flow_rows = flows[self.flow_family]
@@ -353,7 +441,7 @@ class DensityEstimator:
     def _train_flows(
         self,
         models: dict[str, TabularDensity],
-        train: Tensor,
+        train: Tensor | tuple[Batches, int],
         valid: Tensor,
         train_context: Tensor | None,
         valid_context: Tensor | None,
@@ -365,12 +453,14 @@ class DensityEstimator:
         :data:`RACE_EPOCHS` epochs, and only the one that scores best on the validation rows
         trains on (from its best weights, with a fresh optimiser) until it stops.
         """
-        options = self._training_options(len(train))
-        race = len(models) > 1 and len(train) > RACE_ROWS and options["epochs"] > RACE_EPOCHS
+        streamed = isinstance(train, tuple)  # (epoch -> batches, training rows)
+        count = train[1] if streamed else len(train)
+        options = self._training_options(count)
+        race = len(models) > 1 and count > RACE_ROWS and options["epochs"] > RACE_EPOCHS
 
         matching = self.fit_options["objective"] == "flow_matching"
-        rows, contexts = train, train_context
-        if matching:
+        rows, contexts = (train[0], None) if streamed else (train, train_context)
+        if matching and not streamed:
             # Each step draws fresh base points and times, so an epoch may see a row more
             # than once: at least MATCHING_STEPS steps an epoch, whatever the table's size.
             least = MATCHING_STEPS * options["batch_size"]
@@ -809,6 +899,13 @@ def _mean(values: Tensor) -> float:
     """The mean of ``values`` as a float, ``-inf`` where it is not finite."""
     mean = values.double().mean().item()
     return mean if math.isfinite(mean) else -math.inf
+
+
+def _is_path(data: Any) -> bool:
+    """Whether ``data`` names Parquet files: a path, or a non-empty list of paths."""
+    if isinstance(data, (str, os.PathLike)):
+        return True
+    return isinstance(data, (list, tuple)) and bool(data) and all(map(_is_path, data))
 
 
 def _array_frame(values: np.ndarray, name: str) -> pd.DataFrame:

@@ -174,7 +174,10 @@ class ParquetRows:
             paths: Any = os.fspath(source)
         else:
             paths = [os.fspath(path) for path in source]
-        dataset = dataset_module.dataset(paths, format="parquet")
+        try:
+            dataset = dataset_module.dataset(paths, format="parquet")
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise ValueError(f"could not read {paths!r} as parquet: {error}") from None
         self._filesystem = dataset.filesystem
         schema = dataset.schema
         pandas_meta = schema.pandas_metadata or {}
@@ -206,6 +209,25 @@ class ParquetRows:
         self.rows: int = start
         if self.rows == 0 or not self.names:
             raise ValueError(f"the table is empty ({self.rows} rows, {len(self.names)} columns)")
+
+    def read(self) -> pd.DataFrame:
+        """All rows as one DataFrame (the columns' own dtypes; for data that fits memory).
+
+        Example:
+            >>> import tempfile, pyarrow as pa, pyarrow.parquet as pq
+            >>> path = tempfile.mkdtemp() + "/rows.parquet"
+            >>> pq.write_table(pa.table({"x": [1.0, 2.0], "n": [3, 4]}), path)
+            >>> ParquetRows(path).read()
+                 x  n
+            0  1.0  3
+            1  2.0  4
+        """
+        parquet = _pyarrow("pyarrow.parquet")
+        frames = [  # as pandas.read_parquet reads each: the stored index and dtypes
+            parquet.read_table(path, filesystem=self._filesystem).to_pandas()
+            for path in self._metadata
+        ]
+        return frames[0] if len(frames) == 1 else pd.concat(frames)
 
     # ------------------------------------------------------------------ one pass
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pandas as pd
@@ -30,11 +30,13 @@ from pyroflows.distributions import FlowDistribution
 VALIDATION_DRAWS = 4096
 #: a mean loss over rows, given their context (``None`` for an unconditional model)
 Loss = Callable[[Tensor, Tensor | None], Tensor]
+#: the minibatches of an epoch, ``(rows, context)`` pairs, given the epoch's number
+Batches = Callable[[int], Iterable[tuple[Tensor, Tensor | None]]]
 
 
 def fit_max_likelihood(
     model: FlowDistribution | nn.Module,
-    train: Tensor,
+    train: Tensor | Batches,
     valid: Tensor,
     *,
     epochs: int = 500,
@@ -75,6 +77,22 @@ def fit_max_likelihood(
     matching); the validation rows are then scored by it too, with the same random draws
     every epoch (a fixed seed), so that the early stopping compares like with like.
 
+    ``train`` is a tensor of rows (with ``train_context``), or a function from the epoch's
+    number to its minibatches, ``(rows, context)`` pairs: a stream of a table larger than
+    memory (:meth:`~pyroflows.density.streaming.ParquetRows.batches`), each process's own
+    share under ``torchrun``.
+
+    Under :mod:`torch.distributed` (a process group initialised, e.g. by ``torchrun``, with
+    more than one process) the model trains as one :class:`~torch.nn.parallel.
+    DistributedDataParallel` replica per process: every process starts from the same
+    weights (rank 0's, broadcast) and, for tensor rows, draws the same permutation each
+    epoch and takes its ``1 / world`` of each batch of ``batch_size`` rows (full batches
+    only; ``batch_size`` a multiple of the number of processes); the gradients are averaged
+    over the processes in the backward pass, so that each step is the step of one process
+    on the whole batch. Every process scores all of ``valid`` and the mean of their scores
+    decides, so all stop at the same epoch with the same best weights. Draws inside the
+    loss (dequantisation noise, flow matching's times) differ between processes.
+
     ``compile=True`` compiles the training loss with :func:`torch.compile`: it costs
     tens of seconds once and then runs each step faster (the benchmarks say by how much).
     Minibatches are then all of ``batch_size`` rows (each epoch leaves out the
@@ -101,19 +119,30 @@ def fit_max_likelihood(
     flow = model.transform if isinstance(model, FlowDistribution) else model
     params = [p for p in flow.parameters() if p.requires_grad]
     optimiser = adam(params, lr)
-    step = training_step(
-        objective or negative_log_likelihood(model), params, optimiser, clip, compile=compile
-    )
+    rank, world = process_group()
+    loss = objective or negative_log_likelihood(model)
+    if world > 1:
+        loss = _replicated(flow, loss, valid.device)
+    step = training_step(loss, params, optimiser, clip, compile=compile)
+    if isinstance(train, Tensor):
+        # One permutation stream, the same in every process; the loss's own draws differ.
+        order = torch.Generator(device=train.device)
+        order.manual_seed(int(torch.randint(2**62, ())))
+        if world > 1:
+            torch.manual_seed(int(torch.randint(2**62, ())) + rank)
+        full = (compile and len(train) >= batch_size) or world > 1
+        train = shuffled(train, train_context, batch_size, order, full, rank, world)
 
     if objective is not None:  # each validation row repeated once, not every epoch
         draws, draws_context = repeated(valid, valid_context, VALIDATION_DRAWS)
 
     def validate() -> float:
         if objective is None:
-            return evaluate(model, valid, batch_size, valid_context)
-        return _fixed_draws(objective, draws, batch_size, draws_context)
+            value = evaluate(model, valid, batch_size, valid_context)
+        else:
+            value = _fixed_draws(objective, draws, batch_size, draws_context)
+        return _mean_over_processes(value, valid.device) if world > 1 else value
 
-    full_batches_only = compile and len(train) >= batch_size
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, factor=0.5, patience=max(1, patience // 3)
     )
@@ -122,13 +151,12 @@ def fit_max_likelihood(
     bar = tqdm(range(epochs), disable=not progress, desc=description, unit="epoch")
     for epoch in bar:  # epoch 0 is the starting point, scored above
         flow.train()
-        total, seen = torch.zeros((), device=train.device, dtype=train.dtype), 0
-        for index in torch.randperm(len(train), device=train.device).split(batch_size):
-            if full_batches_only and len(index) < batch_size:
-                break
-            context = None if train_context is None else train_context[index]
-            total += step(train[index], context) * len(index)
-            seen += len(index)
+        total, seen = torch.zeros((), device=valid.device, dtype=valid.dtype), 0
+        for rows_, context in train(epoch):
+            total += step(rows_, context) * len(rows_)
+            seen += len(rows_)
+        if seen == 0:
+            raise ValueError("an epoch had no training rows: give more rows or a smaller batch")
         valid_loss = validate()
         train_loss = (total / seen).item()
         schedule.step(valid_loss)
@@ -146,6 +174,88 @@ def fit_max_likelihood(
     flow.load_state_dict(best_state)
     flow.eval()
     return pd.DataFrame(rows, columns=["epoch", "train_loss", "valid_loss", "lr"])
+
+
+def shuffled(
+    rows: Tensor,
+    context: Tensor | None,
+    batch_size: int,
+    generator: torch.Generator,
+    full_only: bool = False,
+    rank: int = 0,
+    world: int = 1,
+) -> Batches:
+    """The minibatches of ``rows`` (and their ``context``): each epoch a new permutation
+    drawn by ``generator``, cut into batches of ``batch_size`` rows (``full_only``: the
+    last, shorter one left out); of ``world`` processes, process ``rank`` takes its
+    ``1 / world`` of each batch.
+
+    Example:
+        >>> order = torch.Generator().manual_seed(0)
+        >>> epoch = shuffled(torch.arange(10.0).unsqueeze(-1), None, 4, order, rank=1, world=2)
+        >>> [len(rows) for rows, _ in epoch(0)]  # rows 2-3 of each batch of 4 (of 2 of 2)
+        [2, 2, 1]
+    """
+    if world > 1 and batch_size % world:
+        raise ValueError(
+            f"batch_size={batch_size} must be a multiple of the {world} processes, so that "
+            "each takes an equal share of every batch"
+        )
+    if full_only and len(rows) < batch_size:
+        raise ValueError(f"{len(rows)} training rows make no whole batch of {batch_size}")
+
+    def epoch(number: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+        order = torch.randperm(len(rows), device=rows.device, generator=generator)
+        for index in order.split(batch_size):
+            if full_only and len(index) < batch_size:
+                break
+            if world > 1:
+                index = index.tensor_split(world)[rank]
+            yield rows[index], None if context is None else context[index]
+
+    return epoch
+
+
+def process_group() -> tuple[int, int]:
+    """This process's rank and the number of processes of :mod:`torch.distributed`'s
+    default group, or ``(0, 1)`` when none is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Objective(nn.Module):
+    """A loss as the forward pass of a module that owns the trained parameters, for
+    :class:`~torch.nn.parallel.DistributedDataParallel` (which averages their gradients
+    over the processes as the backward pass reaches them)."""
+
+    def __init__(self, owner: nn.Module, loss: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.owner = owner
+        self._loss = (loss,)  # a tuple: a loss that is a module is not a second owner
+
+    def forward(self, *args: Any) -> Tensor:
+        return self._loss[0](*args)
+
+
+def _replicated(owner: nn.Module, loss: Callable[..., Tensor], device: torch.device) -> nn.Module:
+    """``loss`` as a :class:`~torch.nn.parallel.DistributedDataParallel` module over
+    ``owner``'s parameters (rank 0's weights broadcast to every process)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(_Objective(owner, loss), device_ids=ids)
+
+
+def _mean_over_processes(value: float, device: torch.device) -> float:
+    """The mean of ``value`` over the processes (every process gets the same float)."""
+    import torch.distributed as dist
+
+    total = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
 
 
 def negative_log_likelihood(model: FlowDistribution | nn.Module) -> Loss:
