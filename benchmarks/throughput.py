@@ -38,12 +38,27 @@ tables is pyroflows over the fastest peer of the configuration.
 
     python benchmarks/throughput.py [--quick] [--device cuda] [--threads 2]
         [--mode eager compiled] [--family nsf ...] [--dim 8 64] [--batch 256 4096 ...]
+        [--processes 1 2]
 
-``--quick`` is a one-minute smoke run (eager, dim 8, two batch sizes, few rows); options
-given with it override its settings. Results go to ``benchmarks/results/throughput.csv``
-(``--output``), rewritten after every configuration, so an interrupted run keeps what it
-measured. The unit of work is :func:`measure` (one family, dimension and mode); a later
-``--processes N`` (the pyroflows step in N torch.distributed processes) plugs in there.
+``--processes 1 2 ...`` also times pyroflows' step (the peers have no multi-process
+trainer of their own) in N processes on this machine (:func:`measure_processes`): started
+by :func:`torch.multiprocessing.spawn`, joined by a ``gloo`` process group on 127.0.0.1
+(``nccl``, one GPU each, on ``--device cuda``), each process builds the same flow (same
+seed) and wraps its loss as ``fit_max_likelihood`` does under ``torchrun``
+(:class:`~torch.nn.parallel.DistributedDataParallel`: the gradients averaged over the
+processes in the backward pass). Each process takes ``batch // N`` rows a step, so the
+global batch stays ``batch``; each runs ``max(1, threads // N)`` threads, so N processes
+use the cores of one. The timed steps run between two ``dist.barrier()`` calls, and
+rank 0's seconds count; compiled, every process compiles its own loss. The 1-process
+rate is pyroflows' in the race above (always measured), and the "processes" table gives
+the ratio.
+
+``--quick`` is a one-minute smoke run (eager, dim 8, two batch sizes, few rows, one
+process); options given with it override its settings. Results go to
+``benchmarks/results/throughput.csv`` (``--output``, a ``processes`` column: 1 for the
+race), rewritten after every unit of work, so an interrupted run keeps what it measured.
+The units of work are :func:`measure` (one family, dimension and mode) and
+:func:`measure_processes` (the same for pyroflows alone in N processes).
 """
 
 from __future__ import annotations
@@ -51,6 +66,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import socket
 import statistics
 import tempfile
 import time
@@ -58,6 +74,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
 import pandas as pd
@@ -65,6 +82,8 @@ import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
+import torch.distributed as distributed
+import torch.multiprocessing
 import zuko
 from common import timed
 from pyro.nn import AutoRegressiveNN, DenseNN
@@ -75,7 +94,12 @@ from zuko.lazy import UnconditionalDistribution
 from zuko.transforms import MonotonicRQSTransform
 
 import pyroflows
-from pyroflows.density.training import adam, negative_log_likelihood, training_step
+from pyroflows.density.training import (
+    _replicated,
+    adam,
+    negative_log_likelihood,
+    training_step,
+)
 
 LAYERS, HIDDEN, BINS, BOUND = 5, (128, 128), 8, 4.0
 CLIP, LR = 5.0, 1e-3
@@ -197,6 +221,8 @@ class Contender:
     what: str
     build: Builder
     sequential: bool = False  # the density pass takes dim network passes per layer
+    #: why the compiled mode leaves it out, if it does
+    not_compiled: str | None = None
 
 
 ARCH = f"{LAYERS} layers, hidden {HIDDEN}"
@@ -214,6 +240,8 @@ CONTENDERS: dict[str, list[Contender]] = {
             "zuko",
             f"zuko.flows.RealNVP(dim, {ZUKO}), alternating masks",
             zuko_flow(partial(zuko.flows.RealNVP, transforms=LAYERS, hidden_features=HIDDEN)),
+            not_compiled="left out compiled: its compiled backward kills the process "
+            "(free(): invalid next size in inductor's CPU kernel, torch 2.13)",
         ),
     ],
     "maf": [
@@ -340,11 +368,20 @@ class Config:
 
 
 class Trial:
-    """A built contender with its step, its optimiser state kept across batch sizes."""
+    """A built contender with its step, its optimiser state kept across batch sizes.
 
-    def __init__(self, contender: Contender, config: Config, device: torch.device) -> None:
+    ``replicated``: the loss wrapped as pyroflows' estimator wraps it under ``torchrun``
+    (a :class:`~torch.nn.parallel.DistributedDataParallel` module over the module that
+    owns the parameters); a process group must be initialised.
+    """
+
+    def __init__(
+        self, contender: Contender, config: Config, device: torch.device, replicated: bool = False
+    ) -> None:
         self.contender = contender
         module, loss = contender.build(config.dim, device)
+        if replicated:
+            loss = _replicated(module, loss, device)
         params = [p for p in module.parameters() if p.requires_grad]
         self.step = training_step(loss, params, adam(params, LR), CLIP, compile=config.compiled)
         self.compiled = config.compiled
@@ -373,7 +410,11 @@ def measure(config: Config) -> dict[tuple[str, int], dict]:
     torch.manual_seed(settings.seed)
     pool = torch.randn(POOL_ROWS, config.dim, device=device)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    contenders = [c for c in CONTENDERS[config.family] if not (c.sequential and config.compiled)]
+    contenders = [
+        c
+        for c in CONTENDERS[config.family]
+        if not (config.compiled and (c.sequential or c.not_compiled))
+    ]
     trials = [Trial(c, config, device) for c in contenders]
     results = {}
     for batch in config.batches:
@@ -408,6 +449,82 @@ def measure(config: Config) -> dict[tuple[str, int], dict]:
     return results
 
 
+def measure_processes(config: Config, processes: int, threads: int) -> dict[int, dict]:
+    """Time pyroflows' step of ``config`` in ``processes`` processes, ``threads`` threads
+    in all; one result per batch (as :func:`measure`'s), from rank 0.
+
+    The processes are spawned afresh (so each compiles its own loss when compiled) and
+    joined by a process group on a free port of 127.0.0.1.
+    """
+    with socket.socket() as probe:  # a free port: taken by rank 0's store right after
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    each = max(1, threads // processes)
+    torch.multiprocessing.spawn(
+        replica, args=(processes, config, port, each, queue), nprocs=processes, join=True
+    )
+    return queue.get()
+
+
+def replica(
+    rank: int, world: int, config: Config, port: int, threads: int, queue: SimpleQueue
+) -> None:
+    """One of :func:`measure_processes`'s processes: at each batch size ``batch // world``
+    rows a step, warm-up, then ``repeats`` timed runs, each between two barriers."""
+    settings = config.settings
+    torch.set_num_threads(threads)
+    pyro.enable_validation(False)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    cuda = settings.device.startswith("cuda")
+    device = torch.device("cuda", rank) if cuda else torch.device(settings.device)
+    if cuda:
+        torch.cuda.set_device(device)
+    distributed.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+    )
+    barrier = partial(distributed.barrier, device_ids=[rank]) if cuda else distributed.barrier
+    try:
+        torch.manual_seed(settings.seed)
+        pool = torch.randn(POOL_ROWS, config.dim, device=device)
+        generator = torch.Generator(device=device).manual_seed(settings.seed + rank)
+        ours = next(c for c in CONTENDERS[config.family] if c.column == "pyroflows")
+        trial = Trial(ours, config, device, replicated=True)
+
+        def between_barriers(batch: int, steps: int) -> float:
+            barrier()
+
+            def run() -> None:
+                trial.run(pool, batch // world, steps, generator)
+                barrier()
+
+            return timed(run, device)[1]
+
+        results = {}
+        for batch in config.batches:
+            steps = max(1, settings.rows // batch)
+            before = _unique_graphs()
+            warm = between_barriers(batch, settings.warmup)
+            graphs = _unique_graphs() - before
+            seconds = [between_barriers(batch, steps) for _ in range(settings.repeats)]
+            median = statistics.median(seconds)
+            results[batch] = {
+                "rows_per_s": batch * steps / median,
+                "seconds": seconds,
+                "steps": steps,
+                "compile_s": max(0.0, warm - settings.warmup * median / steps),
+                "graphs": graphs,
+            }
+        if rank == 0:
+            queue.put(results)
+    finally:
+        distributed.destroy_process_group()
+
+
 def _unique_graphs() -> int:
     """How many graphs dynamo has compiled so far (its own counter)."""
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -432,6 +549,7 @@ def records(config: Config, results: dict[tuple[str, int], dict]) -> list[dict]:
                 "dim": config.dim,
                 "batch": batch,
                 "column": column,
+                "processes": 1,
                 "contender": whats[column],
                 "rows_per_s": result["rows_per_s"],
                 "s_per_1M_rows": 1e6 / result["rows_per_s"],
@@ -445,6 +563,20 @@ def records(config: Config, results: dict[tuple[str, int], dict]) -> list[dict]:
                 "ours_over_fastest_peer": ratio,
             }
         )
+    return rows
+
+
+def process_records(
+    config: Config, processes: int, threads: int, results: dict[int, dict]
+) -> list[dict]:
+    """Rows for the CSV from :func:`measure_processes` (no peer ratio: ours alone)."""
+    ours = next(c for c in CONTENDERS[config.family] if c.column == "pyroflows")
+    cuda = config.settings.device.startswith("cuda")
+    unit = "one GPU" if cuda else f"{threads} thread{'s' if threads > 1 else ''}"
+    what = f"{ours.what}; {processes} processes (DistributedDataParallel), {unit} each"
+    rows = records(config, {("pyroflows", batch): r for batch, r in results.items()})
+    for row in rows:
+        row.update(processes=processes, contender=what)
     return rows
 
 
@@ -494,6 +626,34 @@ def scaling_table(frame: pd.DataFrame) -> str:
     return wide.reset_index().to_markdown(index=False, floatfmt=".2f")
 
 
+def processes_table(frame: pd.DataFrame, threads: int | None) -> str:
+    """pyroflows' rows per second in 1 and N processes (``threads`` in all, or one GPU
+    each where None), N over 1, and each N's compilation seconds where compiled."""
+    part = frame[frame["column"] == "pyroflows"]
+    wide = part.pivot_table(
+        index=["family", "dim", "batch", "mode"],
+        columns="processes",
+        values=["rows_per_s", "compile_s"],
+        aggfunc="first",
+        dropna=False,
+        sort=False,
+    )
+
+    def label(n: int) -> str:
+        each = "1 GPU" if threads is None else f"{max(1, threads // n)} thr"
+        return f"{n} proc x {each}"
+
+    table = pd.DataFrame({label(1): wide["rows_per_s", 1].map(rate)})
+    compiled = (frame["mode"] == "compiled").any()
+    for n in sorted(set(part["processes"]) - {1}):
+        table[label(n)] = wide["rows_per_s", n].map(rate)
+        table[f"{n} / 1"] = (wide["rows_per_s", n] / wide["rows_per_s", 1]).map("{:.2f}".format)
+        if compiled:
+            seconds = wide["compile_s", n]
+            table[f"compile s, {n}"] = seconds.map(lambda s: "" if pd.isna(s) else f"{s:.0f}")
+    return table.reset_index().to_markdown(index=False)
+
+
 def targets(frame: pd.DataFrame) -> str:
     """How many configurations meet the issue's targets."""
     ours = frame[frame["column"] == "pyroflows"].dropna(subset=["ours_over_fastest_peer"])
@@ -511,7 +671,11 @@ def targets(frame: pd.DataFrame) -> str:
 
 def legend(families: list[str]) -> str:
     rows = [
-        {"family": family, "column": c.column, "contender": c.what}
+        {
+            "family": family,
+            "column": c.column,
+            "contender": c.what + (f"; {c.not_compiled}" if c.not_compiled else ""),
+        }
         for family in families
         for c in CONTENDERS[family]
     ]
@@ -559,6 +723,7 @@ QUICK = {
     "rows": 4096,
     "repeats": 3,
     "warmup": 1,
+    "processes": [1],
 }
 FULL = {
     "mode": list(MODES),
@@ -567,6 +732,7 @@ FULL = {
     "rows": Settings.rows,
     "repeats": Settings.repeats,
     "warmup": Settings.warmup,
+    "processes": [1],
 }
 
 
@@ -589,11 +755,27 @@ def main() -> None:
         help="measure 'pyro as built' (dim passes per layer) where dim * batch <= this",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--processes",
+        nargs="+",
+        type=int,
+        help="also time pyroflows' step in N processes (DistributedDataParallel), "
+        "threads // N threads each; 1 process is always measured",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if min(args.processes) < 1:
+        parser.error(f"--processes must be positive, got {args.processes}")
+    many = sorted(set(args.processes) - {1})
+    if odd := [(b, n) for b in args.batch for n in many if b % n]:
+        parser.error(f"--batch must be a multiple of every --processes; {odd[0]} is not")
+    if args.device.startswith("cuda") and many and many[-1] > torch.cuda.device_count():
+        parser.error(
+            f"--processes {many[-1]} needs as many GPUs, found {torch.cuda.device_count()}"
+        )
 
     torch.set_num_threads(args.threads)
     pyro.enable_validation(False)
@@ -610,6 +792,14 @@ def main() -> None:
     )
     print(legend(args.family))
     print(f"\n{DIFFERENCES}\n", flush=True)
+    if many:
+        print(
+            f"pyroflows also in {', '.join(map(str, many))} processes "
+            "(DistributedDataParallel over "
+            f"{'nccl, one GPU each' if device.type == 'cuda' else 'gloo, 127.0.0.1'}), "
+            f"the batch split between them, {args.threads} threads in all\n",
+            flush=True,
+        )
 
     configs = [
         Config(family, dim, mode == "compiled", tuple(args.batch), settings)
@@ -617,19 +807,24 @@ def main() -> None:
         for family in args.family
         for dim in args.dim
     ]
+    work = [(config, n) for config in configs for n in [1, *many]]
     rows, start = [], time.perf_counter()
-    for k, config in enumerate(configs, 1):
+    for k, (config, n) in enumerate(work, 1):
         begun = time.perf_counter()
-        rows += records(config, measure(config))
-        frame = pd.DataFrame(rows)
-        write_csv(frame, args.output)
+        if n == 1:
+            rows += records(config, measure(config))
+        else:
+            each = max(1, args.threads // n)
+            rows += process_records(config, n, each, measure_processes(config, n, args.threads))
+        write_csv(pd.DataFrame(rows), args.output)
         mode = "compiled" if config.compiled else "eager"
         print(
-            f"[{k}/{len(configs)}] {mode} {config.family} dim {config.dim}: "
-            f"{time.perf_counter() - begun:.0f} s",
+            f"[{k}/{len(work)}] {mode} {config.family} dim {config.dim}"
+            f"{f', {n} processes' if n > 1 else ''}: {time.perf_counter() - begun:.0f} s",
             flush=True,
         )
-    frame = pd.DataFrame(rows)
+    everything = pd.DataFrame(rows)
+    frame = everything[everything["processes"] == 1]
     for mode in args.mode:
         print(f"\nTraining rows per second, {mode}:\n")
         print(rate_table(frame, mode))
@@ -644,9 +839,14 @@ def main() -> None:
     if "eager" in args.mode:
         print("\npyroflows eager, seconds per million rows:\n")
         print(scaling_table(frame))
+    if many:
+        threads = None if device.type == "cuda" else args.threads
+        print("\npyroflows in processes, rows per second (the same cores in all):\n")
+        print(processes_table(everything, threads))
     print(f"\n{targets(frame)}")
     elapsed = time.perf_counter() - start
-    print(f"\n{len(configs)} configurations in {elapsed:.0f} s; results in {args.output}")
+    done = f"{len(configs)} configurations" + (f" ({len(work)} units of work)" if many else "")
+    print(f"\n{done} in {elapsed:.0f} s; results in {args.output}")
 
 
 if __name__ == "__main__":

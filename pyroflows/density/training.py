@@ -124,12 +124,11 @@ def fit_max_likelihood(
     if world > 1:
         loss = _replicated(flow, loss, valid.device)
     step = training_step(loss, params, optimiser, clip, compile=compile)
+    # One permutation stream, the same in every process; the loss's own draws differ.
+    order = torch.Generator(device=valid.device).manual_seed(int(torch.randint(2**62, ())))
+    if world > 1:
+        torch.manual_seed(int(torch.randint(2**62, ())) + rank)
     if isinstance(train, Tensor):
-        # One permutation stream, the same in every process; the loss's own draws differ.
-        order = torch.Generator(device=train.device)
-        order.manual_seed(int(torch.randint(2**62, ())))
-        if world > 1:
-            torch.manual_seed(int(torch.randint(2**62, ())) + rank)
         full = (compile and len(train) >= batch_size) or world > 1
         train = shuffled(train, train_context, batch_size, order, full, rank, world)
 
