@@ -689,6 +689,7 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     try:
         with os.fdopen(handle, "w") as file:
             frame.to_csv(file, index=False)
+        os.chmod(temporary, 0o644)  # mkstemp's file is private; a results file is not
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
