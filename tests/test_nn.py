@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyroflows.transforms.nn import ACTIVATIONS, MLP
+from pyroflows.transforms.nn import ACTIVATIONS, MLP, MaskedMLP
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -51,3 +51,46 @@ def test_mlp_widths():
 def test_mlp_bad_activation_lists_choices():
     with pytest.raises(ValueError, match="activation must be one of 'relu'"):
         MLP(2, 2, activation="swish")
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_mlp_equals_the_textbook_network_with_its_gradients(activation):
+    # The forward pass overwrites ReLU's input and folds the gain into the last weights;
+    # values and gradients must stay those of g * (W2 act(W1 act(W0 x + b0) + b1) + b2).
+    torch.manual_seed(0)
+    net = MLP(3, 2, hidden=(5, 4), activation=activation).double()
+    with torch.no_grad():
+        net.gain.normal_()
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    act = ACTIVATIONS[activation]()
+    (w0, b0), (w1, b1), (w2, b2) = net.weights()
+    expected = net.gain * (act(act(x @ w0.T + b0) @ w1.T + b1) @ w2.T + b2)
+    weights = torch.randn(7, 2, dtype=torch.float64)
+    got = torch.autograd.grad((net(x) * weights).sum(), [x, net.params])
+    want = torch.autograd.grad((expected * weights).sum(), [x, net.params])
+    torch.testing.assert_close(net(x), expected)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradgradcheck(lambda v: net(v), (x,))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_masked_mlp_equals_the_textbook_network(residual):
+    torch.manual_seed(1)
+    net = MaskedMLP(4, 2, hidden=(6, 6), residual=residual).double()
+    with torch.no_grad():
+        net.gain.normal_()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    h = x
+    for i, layer in enumerate(net.layers[:-1]):
+        out = torch.relu(h @ (layer.weight * layer.mask).T + layer.bias)
+        h = h + out if residual and i > 0 else out
+    last = net.layers[-1]
+    expected = (net.gain * (h @ (last.weight * last.mask).T + last.bias)).unflatten(-1, (4, 2))
+    torch.testing.assert_close(net(x), expected)
+    weights = torch.randn(5, 4, 2, dtype=torch.float64)
+    params = [x, net.gain, *(p for layer in net.layers for p in layer.parameters())]
+    got = torch.autograd.grad((net(x) * weights).sum(), params)
+    want = torch.autograd.grad((expected * weights).sum(), params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

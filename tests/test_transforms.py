@@ -22,7 +22,7 @@ from pyroflows.transforms import (
     Radial,
     Shift,
 )
-from pyroflows.transforms.coupling import coupling_masks
+from pyroflows.transforms.coupling import coupling_masks, permute
 from pyroflows.transforms.roots import solve_increasing
 
 
@@ -242,6 +242,31 @@ def test_coupling_leaves_the_conditioning_entries_unchanged():
     assert torch.equal(y[:, [0, 2]], x[:, [0, 2]])
     assert not torch.allclose(y[:, [1, 3]], x[:, [1, 3]])
 
+
+
+def test_permute_is_index_select_with_its_gradient_and_twice_differentiable():
+    torch.manual_seed(0)
+    order = torch.randperm(7)
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 7, dtype=torch.float64)
+    y = permute(x, order, torch.argsort(order))
+    torch.testing.assert_close(y, x.index_select(-1, order))
+    got = torch.autograd.grad((y * weights).sum(), x)[0]
+    want = torch.autograd.grad((x.index_select(-1, order) * weights).sum(), x)[0]
+    torch.testing.assert_close(got, want)
+    assert torch.autograd.gradgradcheck(lambda v: permute(v, order, torch.argsort(order)), (x,))
+
+
+def test_affine_is_its_closed_form():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = 4 * torch.randn(5, 3, 2, dtype=torch.float64)
+    log_scale = 2.0 * torch.tanh(params[..., 0] / 2.0)
+    y, ladj = Affine(clamp=2.0).forward(x, params)
+    torch.testing.assert_close(y, x * log_scale.exp() + params[..., 1])
+    torch.testing.assert_close(ladj, log_scale)
+    x_back, ladj_back = Affine(clamp=2.0).inverse(y, params)
+    torch.testing.assert_close(x_back, (y - params[..., 1]) / log_scale.exp())
+    torch.testing.assert_close(ladj_back, -log_scale)
 
 def test_coupling_refuses_an_empty_mask():
     with pytest.raises(ValueError, match="coupling mask must be a 1-D boolean tensor"):

@@ -26,8 +26,10 @@ class Coupling(Flow):
 
     where :math:`\tau` is the elementwise ``transformer`` and :math:`\theta` an :class:`MLP`.
     The Jacobian is triangular, so the log-det is the sum of the transformer's
-    log-derivatives, and both directions cost one network call. The partition is stored as
-    index buffers, so ``.to(device)`` moves it and no boolean indexing happens in the hot path.
+    log-derivatives, and both directions cost one network call. The partition is a
+    permutation (the conditioning entries first) stored as index buffers, so ``.to(device)``
+    moves it and no boolean indexing happens in the hot path; see :func:`permute` for why
+    its gradient is a gather too.
 
     References:
         NICE: Non-linear Independent Components Estimation (Dinh et al., 2014)
@@ -61,20 +63,24 @@ class Coupling(Flow):
         self.register_buffer("cond_index", cond)
         self.register_buffer("trans_index", trans)
         self.register_buffer("order", torch.argsort(torch.cat([cond, trans])))
-        self._n_trans = len(trans)
+        self._sizes = [len(cond), len(trans)]
         self.context_features = context
         n_out = len(trans) * transformer.n_params
         self.net = MLP(len(cond) + context, n_out, hidden, activation)
 
     def _split(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         x, context = broadcast_context(x, context, self.context_features)
-        x_cond = x.index_select(-1, self.cond_index)
+        x_cond, x_trans = permute(x, self._split_order(), self.order).split(self._sizes, -1)
         inputs = x_cond if context is None else torch.cat([x_cond, context], dim=-1)
-        params = self.net(inputs).unflatten(-1, (self._n_trans, -1))
-        return x_cond, x.index_select(-1, self.trans_index), params
+        params = self.net(inputs).unflatten(-1, (self._sizes[1], -1))
+        return x_cond, x_trans, params
 
     def _merge(self, x_cond: Tensor, x_trans: Tensor) -> Tensor:
-        return torch.cat([x_cond, x_trans], dim=-1).index_select(-1, self.order)
+        return permute(torch.cat([x_cond, x_trans], dim=-1), self.order, self._split_order())
+
+    def _split_order(self) -> Tensor:
+        """The conditioning entries, then the transformed ones: the inverse of ``order``."""
+        return torch.cat([self.cond_index, self.trans_index])
 
     def forward_and_log_det(
         self, x: Tensor, context: Tensor | None = None
@@ -89,6 +95,39 @@ class Coupling(Flow):
         y_cond, y_trans, params = self._split(y, context)
         x_trans, ladj = self.transformer.inverse(y_trans, params)
         return self._merge(y_cond, x_trans), ladj.sum(-1)
+
+
+def permute(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+    """``x[..., order]`` for a permutation ``order`` whose inverse is ``inverse``.
+
+    The same values as :meth:`torch.Tensor.index_select`, but the gradient is the gather
+    ``grad[..., inverse]``, where autograd's (knowing no permutation) is a scatter-add into
+    zeros, which ``torch.compile`` writes as atomic adds on the CPU. Twice differentiable.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+        >>> y = permute(x, torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0]))
+        >>> y.detach(), torch.autograd.grad((y * torch.tensor([10.0, 20.0, 30.0])).sum(), x)[0]
+        (tensor([[3., 1., 2.]]), tensor([[20., 30., 10.]]))
+    """
+    return _Permute.apply(x, order, inverse)
+
+
+class _Permute(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+        return x.index_select(-1, order)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        order, inverse = ctx.saved_tensors
+        return _Permute.apply(grad, inverse, order), None, None
 
 
 def coupling_masks(dim: int, layers: int, kind: str = "alternate") -> list[Tensor]:

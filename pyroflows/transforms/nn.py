@@ -96,8 +96,25 @@ class MLP(nn.Module):
         if not layers:
             return gain.expand(*x.shape[:-1], self.out_features)
         for weight, bias in layers[:-1]:
-            x = self.act(nn.functional.linear(x, weight, bias))
-        return gain * nn.functional.linear(x, *layers[-1])
+            x = activate(self.act, nn.functional.linear(x, weight, bias))
+        return scaled_linear(x, *layers[-1], gain)
+
+
+def activate(act: nn.Module, h: Tensor) -> Tensor:
+    """``act(h)`` for ``h`` a linear layer's output; a ReLU overwrites ``h`` (its backward
+    reads its output, not its input), which saves allocating and filling one
+    batch-by-width tensor per layer. Not for one row (``h`` 1-D): torch returns the linear
+    map of one row as a view, which a traced graph (Pyro's ``jit_compile``) replays as a
+    view of a leaf, where writing is an error."""
+    if isinstance(act, nn.ReLU) and h.dim() > 1:
+        return torch.relu_(h)
+    return act(h)
+
+
+def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor, gain: Tensor) -> Tensor:
+    r""":math:`g \odot (W x + b)`, computed as :math:`(g \odot W) x + g \odot b`: the gain
+    scales the (small) weights, not the batch-by-outputs product, in both passes."""
+    return nn.functional.linear(x, gain.unsqueeze(-1) * weight, gain * bias)
 
 
 class MaskedMLP(nn.Module):
@@ -163,16 +180,13 @@ class MaskedMLP(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         h = x if context is None else torch.cat([x, context], dim=-1)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            out = nn.functional.linear(h, layer.weight * layer.mask, layer.bias)
-            if i == last:
-                h = out
-            elif self.residual and 0 < i and out.shape[-1] == h.shape[-1]:
-                h = h + self.act(out)  # equal widths have equal degrees: masks still hold
-            else:
-                h = self.act(out)
-        return (self.gain * h).unflatten(-1, (self.features, self.out_per_input))
+        *hidden, last = self.layers
+        for i, layer in enumerate(hidden):
+            out = activate(self.act, nn.functional.linear(h, layer.weight * layer.mask, layer.bias))
+            # equal widths have equal degrees: the masks still hold across a residual sum
+            h = h + out if self.residual and 0 < i and out.shape[-1] == h.shape[-1] else out
+        out = scaled_linear(h, last.weight * last.mask, last.bias, self.gain)
+        return out.unflatten(-1, (self.features, self.out_per_input))
 
 
 class Hypernet(nn.Module):
