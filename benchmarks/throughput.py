@@ -33,8 +33,14 @@ network passes per layer. It is measured in eager mode where ``dim * batch`` is 
 take minutes).
 
 Targets (issue 15): compiled, every family at least 1.5x the faster of Pyro and zuko at
-equal architecture; eager, none slower than the faster peer. The last column of the rate
-tables is pyroflows over the fastest peer of the configuration.
+equal architecture; eager, none slower than the faster peer. The rate tables give
+pyroflows over the fastest peer of the configuration, and the ``matmul floor`` column the
+rate of the step's matrix products alone (:class:`MatmulFloor`, timed in turn with the
+flows): no implementation of the architecture on the device runs faster, so the floor over
+the fastest peer bounds the speed-up any flow library could show over it. The closing
+lines count the configurations that meet each target, those where the floor allows it, and
+compiled pyroflows against the peers as their users run them (eager: neither Pyro nor zuko
+has a compiled option of its own).
 
     python benchmarks/throughput.py [--quick] [--device cuda] [--threads 2]
         [--mode eager compiled] [--family nsf ...] [--dim 8 64] [--batch 256 4096 ...]

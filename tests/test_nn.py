@@ -94,3 +94,35 @@ def test_masked_mlp_equals_the_textbook_network(residual):
     want = torch.autograd.grad((expected * weights).sum(), params)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("net", ["mlp", "made"])
+def test_grouped_outputs_are_the_same_numbers_in_group_major_memory(net):
+    torch.manual_seed(2)
+    if net == "mlp":
+        module = MLP(3, 4 * 5, hidden=(6,)).double()
+        with torch.no_grad():
+            module.gain.normal_()
+        x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+        (w0, b0), (w1, b1) = module.weights()
+        plain = module.gain * (torch.relu(x @ w0.T + b0) @ w1.T + b1)
+        expected, got = plain.unflatten(-1, (4, 5)), module(x, groups=5)
+    else:
+        module = MaskedMLP(4, 5, hidden=(6,)).double()
+        with torch.no_grad():
+            module.gain.normal_()
+        x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+        first, last = module.layers
+        h = torch.relu(x @ (first.weight * first.mask).T + first.bias)
+        plain = module.gain * (h @ (last.weight * last.mask).T + last.bias)
+        expected, got = plain.unflatten(-1, (4, 5)), module(x)
+    torch.testing.assert_close(got, expected)
+    assert got.stride()[-2:] == (1, 4)  # one parameter of every entry: contiguous
+    weights = torch.randn(7, 4, 5, dtype=torch.float64)
+    params = [x, *module.parameters()]
+    for a, b in zip(
+        torch.autograd.grad((got * weights).sum(), params),
+        torch.autograd.grad((expected * weights).sum(), params),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)

@@ -72,7 +72,7 @@ class Coupling(Flow):
         x, context = broadcast_context(x, context, self.context_features)
         x_cond, x_trans = permute(x, self._split_order(), self.order).split(self._sizes, -1)
         inputs = x_cond if context is None else torch.cat([x_cond, context], dim=-1)
-        params = self.net(inputs).unflatten(-1, (self._sizes[1], -1))
+        params = self.net(inputs, groups=self.transformer.n_params)
         return x_cond, x_trans, params
 
     def _merge(self, x_cond: Tensor, x_trans: Tensor) -> Tensor:

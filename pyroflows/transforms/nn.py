@@ -31,7 +31,9 @@ class MLP(nn.Module):
     fan-in :math:`h` can move an output by about :math:`h` times the learning rate per step,
     which throws flow guides off at the learning rates variational inference uses; a gain
     moves it by about the learning rate. With no inputs (``in_features=0``) the network is
-    a learned constant vector.
+    a learned constant vector. ``net(x, groups=k)`` returns the outputs as
+    ``(..., out_features // k, k)``, entry :math:`i`'s ``k`` outputs in row :math:`i`, held
+    in group-major memory (:func:`grouped_linear`).
 
     All weights, biases and the gain are one parameter vector, ``params`` (layer by layer:
     weight, then bias; the gain last), read through views (:meth:`weights`, :attr:`gain`):
@@ -91,13 +93,16 @@ class MLP(nn.Module):
         ]
         return layers, gain
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, groups: int | None = None) -> Tensor:
         layers, gain = self._views()
         if not layers:
-            return gain.expand(*x.shape[:-1], self.out_features)
+            out = gain.expand(*x.shape[:-1], self.out_features)
+            return out if groups is None else out.unflatten(-1, (-1, groups))
         for weight, bias in layers[:-1]:
             x = activate(self.act, nn.functional.linear(x, weight, bias))
-        return scaled_linear(x, *layers[-1], gain)
+        if groups is None:
+            return scaled_linear(x, *layers[-1], gain)
+        return grouped_linear(x, *layers[-1], gain, groups)
 
 
 def activate(act: nn.Module, h: Tensor) -> Tensor:
@@ -117,6 +122,25 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor, gain: Tensor) -> Tens
     return nn.functional.linear(x, gain.unsqueeze(-1) * weight, gain * bias)
 
 
+def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, gain: Tensor, groups: int) -> Tensor:
+    r""":func:`scaled_linear`'s outputs, ``groups`` per entry (entry-major: entry :math:`i`'s
+    ``groups`` outputs are consecutive), as a ``(..., entries, groups)`` tensor whose
+    memory is group-major: ``out[..., j]`` is contiguous.
+
+    The weights' rows are reordered group-major before the product (a copy of the small
+    weights, not of the batch-sized output), so a layer reading one parameter of every entry
+    (:meth:`~pyroflows.transforms.elementwise.Affine.forward`'s scale, then its shift) reads
+    contiguous memory: ``torch.compile`` vectorises such a kernel on the CPU, and not a
+    strided one. The values are those of ``scaled_linear(...).unflatten(-1, (-1, groups))``.
+    """
+
+    def major(t: Tensor) -> Tensor:  # rows (entry, group) -> (group, entry)
+        return t.unflatten(0, (-1, groups)).transpose(0, 1).flatten(0, 1)
+
+    out = scaled_linear(x, major(weight), major(bias), major(gain))
+    return out.unflatten(-1, (groups, -1)).transpose(-1, -2)
+
+
 class MaskedMLP(nn.Module):
     r"""MADE: an MLP whose output :math:`i` depends only on inputs before :math:`i` in ``order``.
 
@@ -124,7 +148,8 @@ class MaskedMLP(nn.Module):
     each hidden unit a degree in :math:`1, \dots, d - 1`, and a weight from a unit of
     degree :math:`a` to one of degree :math:`b` is kept when :math:`b \ge a` (hidden) or
     :math:`b > a` (output), so output :math:`i` sees exactly the inputs of lower degree.
-    The ``out_per_input`` outputs of input :math:`i` are ``out[..., i, :]``. ``context``
+    The ``out_per_input`` outputs of input :math:`i` are ``out[..., i, :]`` (in group-major
+    memory: :func:`grouped_linear`). ``context``
     extra inputs (passed as ``net(x, context)``) get degree 0, so every output may depend
     on them: a conditional MADE. As in
     :class:`MLP`, a learned gain that starts at 0 scales the output, so the layer it feeds
@@ -185,8 +210,8 @@ class MaskedMLP(nn.Module):
             out = activate(self.act, nn.functional.linear(h, layer.weight * layer.mask, layer.bias))
             # equal widths have equal degrees: the masks still hold across a residual sum
             h = h + out if self.residual and 0 < i and out.shape[-1] == h.shape[-1] else out
-        out = scaled_linear(h, last.weight * last.mask, last.bias, self.gain)
-        return out.unflatten(-1, (self.features, self.out_per_input))
+        weight = last.weight * last.mask
+        return grouped_linear(h, weight, last.bias, self.gain, self.out_per_input)
 
 
 class Hypernet(nn.Module):
