@@ -243,7 +243,6 @@ def test_coupling_leaves_the_conditioning_entries_unchanged():
     assert not torch.allclose(y[:, [1, 3]], x[:, [1, 3]])
 
 
-
 def test_permute_is_index_select_with_its_gradient_and_twice_differentiable():
     torch.manual_seed(0)
     order = torch.randperm(7)
@@ -267,6 +266,7 @@ def test_affine_is_its_closed_form():
     x_back, ladj_back = Affine(clamp=2.0).inverse(y, params)
     torch.testing.assert_close(x_back, (y - params[..., 1]) / log_scale.exp())
     torch.testing.assert_close(ladj_back, -log_scale)
+
 
 def test_coupling_refuses_an_empty_mask():
     with pytest.raises(ValueError, match="coupling mask must be a 1-D boolean tensor"):

@@ -207,7 +207,8 @@ class MaskedMLP(nn.Module):
         h = x if context is None else torch.cat([x, context], dim=-1)
         *hidden, last = self.layers
         for i, layer in enumerate(hidden):
-            out = activate(self.act, nn.functional.linear(h, layer.weight * layer.mask, layer.bias))
+            weight = layer.weight * layer.mask
+            out = activate(self.act, nn.functional.linear(h, weight, layer.bias))
             # equal widths have equal degrees: the masks still hold across a residual sum
             h = h + out if self.residual and 0 < i and out.shape[-1] == h.shape[-1] else out
         weight = last.weight * last.mask
