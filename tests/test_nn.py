@@ -53,6 +53,19 @@ def test_mlp_bad_activation_lists_choices():
         MLP(2, 2, activation="swish")
 
 
+def assert_same_values_and_gradients(got, expected, inputs):
+    """``got`` equals ``expected``, and so do the gradients of a random weighting of both
+    with respect to ``inputs``."""
+    torch.testing.assert_close(got, expected)
+    weights = torch.randn_like(expected)
+    for a, b in zip(
+        torch.autograd.grad((got * weights).sum(), inputs, retain_graph=True),
+        torch.autograd.grad((expected * weights).sum(), inputs, retain_graph=True),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_mlp_equals_the_textbook_network_with_its_gradients(activation):
     # The forward pass overwrites ReLU's input and folds the gain into the last weights;
@@ -65,12 +78,7 @@ def test_mlp_equals_the_textbook_network_with_its_gradients(activation):
     act = ACTIVATIONS[activation]()
     (w0, b0), (w1, b1), (w2, b2) = net.weights()
     expected = net.gain * (act(act(x @ w0.T + b0) @ w1.T + b1) @ w2.T + b2)
-    weights = torch.randn(7, 2, dtype=torch.float64)
-    got = torch.autograd.grad((net(x) * weights).sum(), [x, net.params])
-    want = torch.autograd.grad((expected * weights).sum(), [x, net.params])
-    torch.testing.assert_close(net(x), expected)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_same_values_and_gradients(net(x), expected, [x, net.params])
     assert torch.autograd.gradgradcheck(lambda v: net(v), (x,))
 
 
@@ -87,13 +95,7 @@ def test_masked_mlp_equals_the_textbook_network(residual):
         h = h + out if residual and i > 0 else out
     last = net.layers[-1]
     expected = (net.gain * (h @ (last.weight * last.mask).T + last.bias)).unflatten(-1, (4, 2))
-    torch.testing.assert_close(net(x), expected)
-    weights = torch.randn(5, 4, 2, dtype=torch.float64)
-    params = [x, net.gain, *(p for layer in net.layers for p in layer.parameters())]
-    got = torch.autograd.grad((net(x) * weights).sum(), params)
-    want = torch.autograd.grad((expected * weights).sum(), params)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_same_values_and_gradients(net(x), expected, [x, *net.parameters()])
 
 
 @pytest.mark.parametrize("net", ["mlp", "made"])
@@ -116,13 +118,5 @@ def test_grouped_outputs_are_the_same_numbers_in_group_major_memory(net):
         h = torch.relu(x @ (first.weight * first.mask).T + first.bias)
         plain = module.gain * (h @ (last.weight * last.mask).T + last.bias)
         expected, got = plain.unflatten(-1, (4, 5)), module(x)
-    torch.testing.assert_close(got, expected)
     assert got.stride()[-2:] == (1, 4)  # one parameter of every entry: contiguous
-    weights = torch.randn(7, 4, 5, dtype=torch.float64)
-    params = [x, *module.parameters()]
-    for a, b in zip(
-        torch.autograd.grad((got * weights).sum(), params),
-        torch.autograd.grad((expected * weights).sum(), params),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b)
+    assert_same_values_and_gradients(got, expected, [x, *module.parameters()])
