@@ -98,8 +98,9 @@ def test_masked_mlp_equals_the_textbook_network(residual):
     assert_same_values_and_gradients(net(x), expected, [x, *net.parameters()])
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("net", ["mlp", "made"])
-def test_grouped_outputs_are_the_same_numbers_in_group_major_memory(net):
+def test_grouped_outputs_are_the_same_numbers_group_major_when_compiled(net, compiled):
     torch.manual_seed(2)
     if net == "mlp":
         module = MLP(3, 4 * 5, hidden=(6,)).double()
@@ -108,7 +109,7 @@ def test_grouped_outputs_are_the_same_numbers_in_group_major_memory(net):
         x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
         (w0, b0), (w1, b1) = module.weights()
         plain = module.gain * (torch.relu(x @ w0.T + b0) @ w1.T + b1)
-        expected, got = plain.unflatten(-1, (4, 5)), module(x, groups=5)
+        expected, got = plain.unflatten(-1, (4, 5)), run(module, compiled)(x, groups=5)
     else:
         module = MaskedMLP(4, 5, hidden=(6,)).double()
         with torch.no_grad():
@@ -117,6 +118,13 @@ def test_grouped_outputs_are_the_same_numbers_in_group_major_memory(net):
         first, last = module.layers
         h = torch.relu(x @ (first.weight * first.mask).T + first.bias)
         plain = module.gain * (h @ (last.weight * last.mask).T + last.bias)
-        expected, got = plain.unflatten(-1, (4, 5)), module(x)
-    assert got.stride()[-2:] == (1, 4)  # one parameter of every entry: contiguous
+        expected, got = plain.unflatten(-1, (4, 5)), run(module, compiled)(x)
+    # compiled, one parameter of every entry is contiguous; eager, one entry's parameters
+    assert got.stride()[-2:] == ((1, 4) if compiled else (5, 1))
     assert_same_values_and_gradients(got, expected, [x, *module.parameters()])
+
+
+def run(module: torch.nn.Module, compiled: bool):
+    """``module``, or its graph as dynamo traces it (run by the eager backend: the layout
+    of the traced operations, no code generation)."""
+    return torch.compile(module, backend="eager", fullgraph=True) if compiled else module

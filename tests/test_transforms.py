@@ -22,7 +22,7 @@ from pyroflows.transforms import (
     Radial,
     Shift,
 )
-from pyroflows.transforms.coupling import coupling_masks, permute
+from pyroflows.transforms.coupling import _Permute, coupling_masks, permute
 from pyroflows.transforms.roots import solve_increasing
 
 
@@ -243,17 +243,20 @@ def test_coupling_leaves_the_conditioning_entries_unchanged():
     assert not torch.allclose(y[:, [1, 3]], x[:, [1, 3]])
 
 
-def test_permute_is_index_select_with_its_gradient_and_twice_differentiable():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_permute_is_index_select_with_its_gradient_and_twice_differentiable(compiled):
+    # Compiled, permute's gradient is its own gather by the inverse (eager: index_select's).
     torch.manual_seed(0)
     order = torch.randperm(7)
+    inverse = torch.argsort(order)
+    fn = torch.compile(permute, backend="aot_eager", fullgraph=True) if compiled else permute
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(4, 7, dtype=torch.float64)
-    y = permute(x, order, torch.argsort(order))
+    y = fn(x, order, inverse)
     torch.testing.assert_close(y, x.index_select(-1, order))
-    got = torch.autograd.grad((y * weights).sum(), x)[0]
-    want = torch.autograd.grad((x.index_select(-1, order) * weights).sum(), x)[0]
-    torch.testing.assert_close(got, want)
-    assert torch.autograd.gradgradcheck(lambda v: permute(v, order, torch.argsort(order)), (x,))
+    got = torch.autograd.grad((y * weights).sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(got, weights.index_select(-1, inverse))
+    assert torch.autograd.gradgradcheck(lambda v: _Permute.apply(v, order, inverse), (x,))
 
 
 def test_affine_is_its_closed_form():

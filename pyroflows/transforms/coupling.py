@@ -100,9 +100,11 @@ class Coupling(Flow):
 def permute(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
     """``x[..., order]`` for a permutation ``order`` whose inverse is ``inverse``.
 
-    The same values as :meth:`torch.Tensor.index_select`, but the gradient is the gather
-    ``grad[..., inverse]``, where autograd's (knowing no permutation) is a scatter-add into
-    zeros, which ``torch.compile`` writes as atomic adds on the CPU. Twice differentiable.
+    :meth:`torch.Tensor.index_select`, except under :func:`torch.compile`: there the
+    gradient is the gather ``grad[..., inverse]``, where autograd's (knowing no permutation)
+    is a scatter-add into zeros, which inductor writes as atomic adds on the CPU. (In eager
+    mode the custom function's Python calls would cost more than they save.) Twice
+    differentiable either way.
 
     Example:
         >>> x = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
@@ -110,6 +112,8 @@ def permute(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
         >>> y.detach(), torch.autograd.grad((y * torch.tensor([10.0, 20.0, 30.0])).sum(), x)[0]
         (tensor([[3., 1., 2.]]), tensor([[20., 30., 10.]]))
     """
+    if not torch.compiler.is_compiling():  # eager: autograd's own backward, no Python call
+        return x.index_select(-1, order)
     return _Permute.apply(x, order, inverse)
 
 

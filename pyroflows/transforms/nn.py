@@ -33,7 +33,7 @@ class MLP(nn.Module):
     moves it by about the learning rate. With no inputs (``in_features=0``) the network is
     a learned constant vector. ``net(x, groups=k)`` returns the outputs as
     ``(..., out_features // k, k)``, entry :math:`i`'s ``k`` outputs in row :math:`i`, held
-    in group-major memory (:func:`grouped_linear`).
+    in group-major memory when compiled (:func:`grouped_linear`).
 
     All weights, biases and the gain are one parameter vector, ``params`` (layer by layer:
     weight, then bias; the gain last), read through views (:meth:`weights`, :attr:`gain`):
@@ -124,15 +124,19 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor, gain: Tensor) -> Tens
 
 def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, gain: Tensor, groups: int) -> Tensor:
     r""":func:`scaled_linear`'s outputs, ``groups`` per entry (entry-major: entry :math:`i`'s
-    ``groups`` outputs are consecutive), as a ``(..., entries, groups)`` tensor whose
-    memory is group-major: ``out[..., j]`` is contiguous.
+    ``groups`` outputs are consecutive), as a ``(..., entries, groups)`` tensor.
 
-    The weights' rows are reordered group-major before the product (a copy of the small
-    weights, not of the batch-sized output), so a layer reading one parameter of every entry
-    (:meth:`~pyroflows.transforms.elementwise.Affine.forward`'s scale, then its shift) reads
-    contiguous memory: ``torch.compile`` vectorises such a kernel on the CPU, and not a
-    strided one. The values are those of ``scaled_linear(...).unflatten(-1, (-1, groups))``.
+    Under :func:`torch.compile` the weights' rows are reordered group-major before the
+    product (a copy of the small weights, not of the batch-sized output), so that a layer
+    reading one parameter of every entry (:meth:`~pyroflows.transforms.elementwise.Affine.
+    forward`'s scale, then its shift) reads contiguous memory: inductor vectorises such a
+    kernel on the CPU, and not a strided one (10x slower in a profile of ``maf``). In eager
+    mode the reordering's extra operations cost more than the strided reads save, so the
+    memory stays entry-major there. The values are those of
+    ``scaled_linear(...).unflatten(-1, (-1, groups))`` either way.
     """
+    if not torch.compiler.is_compiling():
+        return scaled_linear(x, weight, bias, gain).unflatten(-1, (-1, groups))
 
     def major(t: Tensor) -> Tensor:  # rows (entry, group) -> (group, entry)
         return t.unflatten(0, (-1, groups)).transpose(0, 1).flatten(0, 1)
@@ -148,8 +152,8 @@ class MaskedMLP(nn.Module):
     each hidden unit a degree in :math:`1, \dots, d - 1`, and a weight from a unit of
     degree :math:`a` to one of degree :math:`b` is kept when :math:`b \ge a` (hidden) or
     :math:`b > a` (output), so output :math:`i` sees exactly the inputs of lower degree.
-    The ``out_per_input`` outputs of input :math:`i` are ``out[..., i, :]`` (in group-major
-    memory: :func:`grouped_linear`). ``context``
+    The ``out_per_input`` outputs of input :math:`i` are ``out[..., i, :]`` (group-major in
+    memory when compiled: :func:`grouped_linear`). ``context``
     extra inputs (passed as ``net(x, context)``) get degree 0, so every output may depend
     on them: a conditional MADE. As in
     :class:`MLP`, a learned gain that starts at 0 scales the output, so the layer it feeds
