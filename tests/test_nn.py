@@ -66,18 +66,40 @@ def assert_same_values_and_gradients(got, expected, inputs):
         torch.testing.assert_close(a, b)
 
 
+def textbook_mlp(net, x, act):
+    """``g * (W_last act(... act(W_0 x + b_0) ...) + b_last)`` from ``net``'s weights."""
+    *hidden, (weight, bias) = net.weights()
+    for w, b in hidden:
+        x = act(x @ w.T + b)
+    return net.gain * (x @ weight.T + bias)
+
+
+def textbook_made(net, x, residual=False):
+    """The same for a MADE: masked weights, ReLU, a residual sum after the first layer."""
+    *hidden, last = net.layers
+    for i, layer in enumerate(hidden):
+        out = torch.relu(x @ (layer.weight * layer.mask).T + layer.bias)
+        x = x + out if residual and i > 0 else out
+    out = net.gain * (x @ (last.weight * last.mask).T + last.bias)
+    return out.unflatten(-1, (net.features, net.out_per_input))
+
+
+def randomised(net):
+    """``net`` in float64 with a random gain (it starts at 0, hiding every other weight)."""
+    net = net.double()
+    with torch.no_grad():
+        net.gain.normal_()
+    return net
+
+
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_mlp_equals_the_textbook_network_with_its_gradients(activation):
     # The forward pass overwrites ReLU's input and folds the gain into the last weights;
     # values and gradients must stay those of g * (W2 act(W1 act(W0 x + b0) + b1) + b2).
     torch.manual_seed(0)
-    net = MLP(3, 2, hidden=(5, 4), activation=activation).double()
-    with torch.no_grad():
-        net.gain.normal_()
+    net = randomised(MLP(3, 2, hidden=(5, 4), activation=activation))
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    act = ACTIVATIONS[activation]()
-    (w0, b0), (w1, b1), (w2, b2) = net.weights()
-    expected = net.gain * (act(act(x @ w0.T + b0) @ w1.T + b1) @ w2.T + b2)
+    expected = textbook_mlp(net, x, ACTIVATIONS[activation]())
     assert_same_values_and_gradients(net(x), expected, [x, net.params])
     assert torch.autograd.gradgradcheck(lambda v: net(v), (x,))
 
@@ -85,16 +107,9 @@ def test_mlp_equals_the_textbook_network_with_its_gradients(activation):
 @pytest.mark.parametrize("residual", [False, True])
 def test_masked_mlp_equals_the_textbook_network(residual):
     torch.manual_seed(1)
-    net = MaskedMLP(4, 2, hidden=(6, 6), residual=residual).double()
-    with torch.no_grad():
-        net.gain.normal_()
+    net = randomised(MaskedMLP(4, 2, hidden=(6, 6), residual=residual))
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    h = x
-    for i, layer in enumerate(net.layers[:-1]):
-        out = torch.relu(h @ (layer.weight * layer.mask).T + layer.bias)
-        h = h + out if residual and i > 0 else out
-    last = net.layers[-1]
-    expected = (net.gain * (h @ (last.weight * last.mask).T + last.bias)).unflatten(-1, (4, 2))
+    expected = textbook_made(net, x, residual)
     assert_same_values_and_gradients(net(x), expected, [x, *net.parameters()])
 
 
@@ -103,22 +118,14 @@ def test_masked_mlp_equals_the_textbook_network(residual):
 def test_grouped_outputs_are_the_same_numbers_group_major_when_compiled(net, compiled):
     torch.manual_seed(2)
     if net == "mlp":
-        module = MLP(3, 4 * 5, hidden=(6,)).double()
-        with torch.no_grad():
-            module.gain.normal_()
+        module = randomised(MLP(3, 4 * 5, hidden=(6,)))
         x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-        (w0, b0), (w1, b1) = module.weights()
-        plain = module.gain * (torch.relu(x @ w0.T + b0) @ w1.T + b1)
-        expected, got = plain.unflatten(-1, (4, 5)), run(module, compiled)(x, groups=5)
+        expected = textbook_mlp(module, x, torch.relu).unflatten(-1, (4, 5))
+        got = run(module, compiled)(x, groups=5)
     else:
-        module = MaskedMLP(4, 5, hidden=(6,)).double()
-        with torch.no_grad():
-            module.gain.normal_()
+        module = randomised(MaskedMLP(4, 5, hidden=(6,)))
         x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-        first, last = module.layers
-        h = torch.relu(x @ (first.weight * first.mask).T + first.bias)
-        plain = module.gain * (h @ (last.weight * last.mask).T + last.bias)
-        expected, got = plain.unflatten(-1, (4, 5)), run(module, compiled)(x)
+        expected, got = textbook_made(module, x), run(module, compiled)(x)
     # compiled, one parameter of every entry is contiguous; eager, one entry's parameters
     assert got.stride()[-2:] == ((1, 4) if compiled else (5, 1))
     assert_same_values_and_gradients(got, expected, [x, *module.parameters()])

@@ -2,7 +2,7 @@ r"""Coupling layers (NICE, RealNVP): any elementwise transformer, conditioned on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -68,33 +68,25 @@ class Coupling(Flow):
         n_out = len(trans) * transformer.n_params
         self.net = MLP(len(cond) + context, n_out, hidden, activation)
 
-    def _split(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _coupled(self, x: Tensor, context: Tensor | None, step: Callable) -> tuple[Tensor, Tensor]:
+        """``step`` (a direction of the transformer) on the transformed entries, given the
+        network's parameters from the others; the merged result and the log-det."""
         x, context = broadcast_context(x, context, self.context_features)
-        x_cond, x_trans = permute(x, self._split_order(), self.order).split(self._sizes, -1)
+        split = torch.cat([self.cond_index, self.trans_index])  # the inverse of self.order
+        x_cond, x_trans = permute(x, split, self.order).split(self._sizes, -1)
         inputs = x_cond if context is None else torch.cat([x_cond, context], dim=-1)
-        params = self.net(inputs, groups=self.transformer.n_params)
-        return x_cond, x_trans, params
-
-    def _merge(self, x_cond: Tensor, x_trans: Tensor) -> Tensor:
-        return permute(torch.cat([x_cond, x_trans], dim=-1), self.order, self._split_order())
-
-    def _split_order(self) -> Tensor:
-        """The conditioning entries, then the transformed ones: the inverse of ``order``."""
-        return torch.cat([self.cond_index, self.trans_index])
+        y_trans, ladj = step(x_trans, self.net(inputs, groups=self.transformer.n_params))
+        return permute(torch.cat([x_cond, y_trans], dim=-1), self.order, split), ladj.sum(-1)
 
     def forward_and_log_det(
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        x_cond, x_trans, params = self._split(x, context)
-        y_trans, ladj = self.transformer.forward(x_trans, params)
-        return self._merge(x_cond, y_trans), ladj.sum(-1)
+        return self._coupled(x, context, self.transformer.forward)
 
     def inverse_and_log_det(
         self, y: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        y_cond, y_trans, params = self._split(y, context)
-        x_trans, ladj = self.transformer.inverse(y_trans, params)
-        return self._merge(y_cond, x_trans), ladj.sum(-1)
+        return self._coupled(y, context, self.transformer.inverse)
 
 
 def permute(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
