@@ -113,9 +113,10 @@ CLIP, LR = 5.0, 1e-3
 FAMILIES = ("realnvp", "maf", "nsf", "nsf_ar")
 DIMS, BATCHES, MODES = (8, 64), (256, 1024, 4096, 16384), ("eager", "compiled")
 #: the table's columns, one per contender kind; "ours" is the first
-COLUMNS = ("pyroflows", "pyro", "zuko", "zuko parts", "pyro as built", "matmul floor")
-#: the column of :class:`MatmulFloor`: measured beside the flows, but no flow (not a peer)
-FLOOR = "matmul floor"
+#: the columns of :class:`MatmulFloor`: measured beside the flows, but no flows (not peers)
+FLOOR, STEP_FLOOR = "matmul floor", "floor + Adam"
+FLOORS = (FLOOR, STEP_FLOOR)
+COLUMNS = ("pyroflows", "pyro", "zuko", "zuko parts", "pyro as built", *FLOORS)
 POOL_ROWS = 65536
 RESULTS = Path(__file__).resolve().parent / "results" / "throughput.csv"
 
@@ -359,31 +360,61 @@ def network_widths(family: str, dim: int) -> list[int]:
     return [dim - transformed, *HIDDEN, transformed * per_entry]
 
 
+def product_shapes(family: str, dim: int) -> list[tuple[int, int]]:
+    """(inputs, outputs) of every linear map of pyroflows' ``family`` flow, layer by layer."""
+    return list(itertools.pairwise(network_widths(family, dim))) * LAYERS
+
+
+def product_flops(family: str, dim: int) -> int:
+    """Floating-point operations per row of the step's matrix products (:class:`MatmulFloor`):
+    two per multiply-add, three products per map but two for the first."""
+    shapes = product_shapes(family, dim)
+    return sum(2 * a * b * (2 if k == 0 else 3) for k, (a, b) in enumerate(shapes))
+
+
 class MatmulFloor:
-    r"""The matrix products of pyroflows' step alone: a floor under any implementation of
-    the architecture on this device.
+    r"""The matrix products of pyroflows' step alone, and with the optimiser: two floors
+    under any implementation of the architecture on this device.
 
     Per flow layer and linear map of its network (:func:`network_widths`), a step of a
     batch of :math:`B` rows multiplies :math:`(B, a) \times (a, b)` forward and, backward,
     :math:`(b, B) \times (B, a)` for the weight's gradient and :math:`(B, b) \times (b, a)`
     for the input's (not for the first map of the first layer, whose input is data).
     Here they run back to back into preallocated outputs: no elementwise work, no
-    allocation, no autograd, no optimiser. Every library's step does at least these
-    products (MADE's masks leave its matrices dense), so the fastest peer's step time over
-    this floor's bounds the speed-up any implementation could have over that peer: where
-    it is below 1.5, the compiled target cannot be met at equal architecture.
+    allocation, no autograd. Every library's step does at least these products (MADE's
+    masks leave its matrices dense), so the fastest peer's step time over this floor's
+    bounds the speed-up any implementation could have over that peer: where it is below
+    1.5, the compiled target cannot be met at equal architecture.
+
+    ``optimiser=True`` adds what every step of the issue's training loop does besides:
+    the gradient norm clipped and one fused Adam step, over one flat tensor holding as
+    many numbers as the networks' weights and biases (the cheapest layout: one kernel
+    each). :func:`product_flops` counts the products' floating-point operations per row,
+    so a rate of rows becomes one of FLOPs, to set beside the device's rate on a large
+    product (:func:`gemm_rate`).
     """
 
-    contender = Contender(
-        FLOOR, "the products of pyroflows' networks alone (no flow): a lower bound", None
-    )
-    compiled = False
-
-    def __init__(self, family: str, dim: int, device: torch.device) -> None:
-        self.shapes = list(itertools.pairwise(network_widths(family, dim))) * LAYERS
+    def __init__(
+        self, family: str, dim: int, device: torch.device, optimiser: bool = False
+    ) -> None:
+        self.contender = FLOOR_CONTENDERS[optimiser]
+        self.compiled = False
+        self.shapes = product_shapes(family, dim)
         self.weights = [torch.randn(b, a, device=device) for a, b in self.shapes]
         self.gradients = [torch.empty_like(w) for w in self.weights]
         self.device, self.batch, self.buffers = device, 0, []
+        self.update: Callable[[], None] = lambda: None
+        if optimiser:
+            size = sum(b * (a + 1) for a, b in self.shapes)
+            flat = nn.Parameter(torch.zeros(size, device=device))
+            flat.grad = torch.randn(size, device=device)  # norm above CLIP: the scaling runs
+            step = adam([flat], LR).step
+
+            def update() -> None:
+                torch.nn.utils.clip_grad_norm_([flat], CLIP)
+                step()
+
+            self.update = update
 
     def run(self, pool: Tensor, batch: int, steps: int, generator: torch.Generator) -> None:
         if batch != self.batch:  # allocated in the warm-up steps of each batch size
@@ -400,6 +431,30 @@ class MatmulFloor:
                 torch.mm(grad_y.t(), x, out=grad_weight)
                 if k:
                     torch.mm(grad_y, weight, out=grad_x)
+            self.update()
+
+
+FLOOR_CONTENDERS = {
+    False: Contender(
+        FLOOR, "the products of pyroflows' networks alone (no flow): a lower bound", None
+    ),
+    True: Contender(
+        STEP_FLOOR,
+        "the same products, then the gradient clipped and one fused Adam step over one "
+        "flat tensor of the networks' size: a lower bound on the whole step",
+        None,
+    ),
+}
+
+
+def gemm_rate(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """FLOPs per second of a large square float32 product on ``device``: near the most
+    this device does, to judge how close the floors' small products come to it."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    out = torch.empty(size, size, device=device)
+    torch.mm(a, b, out=out)
+    seconds = timed(lambda: [torch.mm(a, b, out=out) for _ in range(repeats)], device)[1]
+    return 2 * size**3 * repeats / seconds
 
 
 # ------------------------------------------------------------------------- measuring
@@ -478,7 +533,7 @@ def measure(config: Config) -> dict[tuple[str, int], dict]:
         if not (config.compiled and (c.sequential or c.not_compiled))
     ]
     trials = [Trial(c, config, device) for c in contenders]
-    trials.append(MatmulFloor(config.family, config.dim, device))
+    trials += [MatmulFloor(config.family, config.dim, device, step) for step in (False, True)]
     results = {}
     for batch in config.batches:
         active = [
@@ -598,18 +653,20 @@ def _unique_graphs() -> int:
 
 def records(config: Config, results: dict[tuple[str, int], dict]) -> list[dict]:
     """Rows for the CSV: one per (contender, batch), with ours over the fastest peer."""
-    whats = {c.column: c.what for c in [*CONTENDERS[config.family], MatmulFloor.contender]}
+    contenders = [*CONTENDERS[config.family], *FLOOR_CONTENDERS.values()]
+    whats = {c.column: c.what for c in contenders}
+    flops = product_flops(config.family, config.dim)
     rows = []
     for (column, batch), result in results.items():
         peers = [
             r["rows_per_s"]
             for (c, b), r in results.items()
-            if b == batch and c not in ("pyroflows", FLOOR)
+            if b == batch and c not in ("pyroflows", *FLOORS)
         ]
-        floor = results.get((FLOOR, batch))
         ours = column == "pyroflows" and peers
         ratio = result["rows_per_s"] / max(peers) if ours else None
-        headroom = floor["rows_per_s"] / max(peers) if ours and floor else None
+        floors = {f: results.get((f, batch)) for f in FLOORS}
+        over = {f: r["rows_per_s"] / max(peers) if ours and r else None for f, r in floors.items()}
         rows.append(
             {
                 "mode": "compiled" if config.compiled else "eager",
@@ -629,7 +686,11 @@ def records(config: Config, results: dict[tuple[str, int], dict]) -> list[dict]:
                 "compile_s": result["compile_s"] if config.compiled else None,
                 "graphs": result["graphs"] if config.compiled else None,
                 "ours_over_fastest_peer": ratio,
-                "floor_over_fastest_peer": headroom,
+                "floor_over_fastest_peer": over[FLOOR],
+                "step_floor_over_fastest_peer": over[STEP_FLOOR],
+                "floor_gflop_per_s": result["rows_per_s"] * flops / 1e9
+                if column == FLOOR
+                else None,
             }
         )
     return rows
@@ -664,15 +725,18 @@ def rate_table(frame: pd.DataFrame, mode: str) -> str:
         index=["family", "dim", "batch"], columns="column", values="rows_per_s", sort=False
     )
     columns = [c for c in COLUMNS if c in wide.columns]
-    peers = wide[[c for c in columns if c not in ("pyroflows", FLOOR)]]
+    peers = wide[[c for c in columns if c not in ("pyroflows", *FLOORS)]]
     table = wide[columns].map(rate)
     ratio = wide["pyroflows"] / peers.max(axis=1)
     table["ours / fastest peer"] = [
         f"{r:.2f} ({p})" if pd.notna(r) else ""
         for r, p in zip(ratio, peers.idxmax(axis=1), strict=True)
     ]
-    if FLOOR in wide.columns:  # the most any implementation could gain on that peer
-        table["floor / fastest peer"] = (wide[FLOOR] / peers.max(axis=1)).map("{:.2f}".format)
+    for floor in FLOORS:  # the most any implementation could gain on that peer
+        if floor in wide.columns:
+            table[f"{floor} / fastest peer"] = (wide[floor] / peers.max(axis=1)).map(
+                "{:.2f}".format
+            )
     return table.reset_index().to_markdown(index=False)
 
 
@@ -725,8 +789,10 @@ def processes_table(frame: pd.DataFrame, threads: int | None) -> str:
     return table.reset_index().to_markdown(index=False)
 
 
-def targets(frame: pd.DataFrame) -> str:
-    """How many configurations meet the issue's targets."""
+def targets(frame: pd.DataFrame, gemm: float | None = None) -> str:
+    """How many configurations meet the issue's targets, and how many the floors allow;
+    with ``gemm`` (the device's FLOPs per second on a large product), how near the
+    matmul floor's products run to it."""
     ours = frame[frame["column"] == "pyroflows"].dropna(subset=["ours_over_fastest_peer"])
     lines = []
     for mode, goal in (("compiled", 1.5), ("eager", 1.0)):
@@ -734,14 +800,20 @@ def targets(frame: pd.DataFrame) -> str:
         ratios = part["ours_over_fastest_peer"]
         if len(ratios):
             met = int((ratios >= goal).sum())
-            possible = int((part["floor_over_fastest_peer"] >= goal).sum())
+            allowed = [
+                f"the {floor} allows it in {int((part[key] >= goal).sum())}"
+                for floor, key in zip(
+                    FLOORS,
+                    ("floor_over_fastest_peer", "step_floor_over_fastest_peer"),
+                    strict=True,
+                )
+            ]
             lines.append(
                 f"{mode}: ours >= {goal}x the fastest peer ({mode}) in {met} of {len(ratios)} "
-                f"configurations (lowest {ratios.min():.2f}x); the matmul floor allows "
-                f"{goal}x in {possible}"
+                f"configurations (lowest {ratios.min():.2f}x); {', '.join(allowed)}"
             )
     key = ["family", "dim", "batch"]
-    peers = frame[~frame["column"].isin(["pyroflows", FLOOR])]
+    peers = frame[~frame["column"].isin(["pyroflows", *FLOORS])]
     eager_peers = peers[peers["mode"] == "eager"].groupby(key)["rows_per_s"].max()
     compiled = ours[ours["mode"] == "compiled"].set_index(key)["rows_per_s"]
     if len(compiled) and len(eager_peers):  # the peers as their users run them
@@ -750,6 +822,13 @@ def targets(frame: pd.DataFrame) -> str:
             f"compiled ours >= 1.5x the fastest peer as shipped (eager) in "
             f"{int((ratios >= 1.5).sum())} of {len(ratios)} configurations "
             f"(lowest {ratios.min():.2f}x)"
+        )
+    rates = frame["floor_gflop_per_s"].dropna()
+    if gemm and len(rates):
+        lines.append(
+            f"the matmul floor's products ran at {rates.min():.0f} to {rates.max():.0f} "
+            f"GFLOP/s, {rates.min() / gemm * 1e9:.0%} to {rates.max() / gemm * 1e9:.0%} of a "
+            f"2048 x 2048 product's {gemm / 1e9:.0f} GFLOP/s on this device"
         )
     return "\n".join(lines)
 
@@ -872,6 +951,8 @@ def main() -> None:
         args.device, args.rows, args.repeats, args.warmup, args.sequential_limit, args.seed
     )
     print(environment(device))
+    gemm = gemm_rate(device)
+    print(f"a 2048 x 2048 float32 product: {gemm / 1e9:.0f} GFLOP/s")
     print(
         f"{ARCH}, {BINS} bins; fused Adam lr {LR}, clip {CLIP}; {args.rows} rows per repeat, "
         f"median of {args.repeats}, {args.warmup} warm-up steps\n"
@@ -929,7 +1010,7 @@ def main() -> None:
         threads = None if device.type == "cuda" else args.threads
         print("\npyroflows in processes, rows per second (the same cores in all):\n")
         print(processes_table(everything, threads))
-    print(f"\n{targets(frame)}")
+    print(f"\n{targets(frame, gemm)}")
     elapsed = time.perf_counter() - start
     done = f"{len(configs)} configurations" + (f" ({len(work)} units of work)" if many else "")
     print(f"\n{done} in {elapsed:.0f} s; results in {args.output}")
