@@ -34,13 +34,16 @@ take minutes).
 
 Targets (issue 15): compiled, every family at least 1.5x the faster of Pyro and zuko at
 equal architecture; eager, none slower than the faster peer. The rate tables give
-pyroflows over the fastest peer of the configuration, and the ``matmul floor`` column the
-rate of the step's matrix products alone (:class:`MatmulFloor`, timed in turn with the
-flows): no implementation of the architecture on the device runs faster, so the floor over
-the fastest peer bounds the speed-up any flow library could show over it. The closing
-lines count the configurations that meet each target, those where the floor allows it, and
-compiled pyroflows against the peers as their users run them (eager: neither Pyro nor zuko
-has a compiled option of its own).
+pyroflows over the fastest peer of the configuration, and two floors timed in turn with
+the flows (:class:`MatmulFloor`): ``matmul floor``, the rate of the step's matrix products
+alone, and ``floor + Adam``, the same products followed by the clipping and one fused Adam
+step over one flat tensor of the networks' size. No implementation of the architecture and
+training step on the device runs faster, so a floor over the fastest peer bounds the
+speed-up any flow library could show over it. The closing lines count the configurations
+that meet each target, those where each floor allows it, compiled pyroflows against the
+peers as their users run them (eager: neither Pyro nor zuko has a compiled option of its
+own), and the floor's FLOP rate beside that of a large product on the device
+(:func:`gemm_rate`): how near the products run to what the device does at best.
 
     python benchmarks/throughput.py [--quick] [--device cuda] [--threads 2]
         [--mode eager compiled] [--family nsf ...] [--dim 8 64] [--batch 256 4096 ...]
