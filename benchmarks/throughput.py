@@ -410,7 +410,7 @@ class MatmulFloor:
         if optimiser:
             size = sum(b * (a + 1) for a, b in self.shapes)
             flat = nn.Parameter(torch.zeros(size, device=device))
-            flat.grad = torch.randn(size, device=device)  # norm above CLIP: the scaling runs
+            flat.grad = torch.randn(size, device=device)  # clipping scales it every step
             step = adam([flat], LR).step
 
             def update() -> None:
