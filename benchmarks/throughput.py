@@ -119,6 +119,8 @@ DIMS, BATCHES, MODES = (8, 64), (256, 1024, 4096, 16384), ("eager", "compiled")
 #: the columns of :class:`MatmulFloor`: measured beside the flows, but no flows (not peers)
 FLOOR, STEP_FLOOR = "matmul floor", "floor + Adam"
 FLOORS = (FLOOR, STEP_FLOOR)
+#: the CSV column of each floor over the fastest peer
+FLOOR_KEYS = {FLOOR: "floor_over_fastest_peer", STEP_FLOOR: "step_floor_over_fastest_peer"}
 COLUMNS = ("pyroflows", "pyro", "zuko", "zuko parts", "pyro as built", *FLOORS)
 POOL_ROWS = 65536
 RESULTS = Path(__file__).resolve().parent / "results" / "throughput.csv"
@@ -669,7 +671,10 @@ def records(config: Config, results: dict[tuple[str, int], dict]) -> list[dict]:
         ours = column == "pyroflows" and peers
         ratio = result["rows_per_s"] / max(peers) if ours else None
         floors = {f: results.get((f, batch)) for f in FLOORS}
-        over = {f: r["rows_per_s"] / max(peers) if ours and r else None for f, r in floors.items()}
+        over = {
+            FLOOR_KEYS[f]: r["rows_per_s"] / max(peers) if ours and r else None
+            for f, r in floors.items()
+        }
         rows.append(
             {
                 "mode": "compiled" if config.compiled else "eager",
@@ -689,8 +694,7 @@ def records(config: Config, results: dict[tuple[str, int], dict]) -> list[dict]:
                 "compile_s": result["compile_s"] if config.compiled else None,
                 "graphs": result["graphs"] if config.compiled else None,
                 "ours_over_fastest_peer": ratio,
-                "floor_over_fastest_peer": over[FLOOR],
-                "step_floor_over_fastest_peer": over[STEP_FLOOR],
+                **over,
                 "floor_gflop_per_s": result["rows_per_s"] * flops / 1e9
                 if column == FLOOR
                 else None,
@@ -805,11 +809,7 @@ def targets(frame: pd.DataFrame, gemm: float | None = None) -> str:
             met = int((ratios >= goal).sum())
             allowed = [
                 f"the {floor} allows it in {int((part[key] >= goal).sum())}"
-                for floor, key in zip(
-                    FLOORS,
-                    ("floor_over_fastest_peer", "step_floor_over_fastest_peer"),
-                    strict=True,
-                )
+                for floor, key in FLOOR_KEYS.items()
             ]
             lines.append(
                 f"{mode}: ours >= {goal}x the fastest peer ({mode}) in {met} of {len(ratios)} "
